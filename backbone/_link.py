@@ -1,0 +1,454 @@
+"""The messaging engine shared by both ends of one connection (asyncio side).
+
+A :class:`Link` owns the outbound buffer of one connection (frames coalesced into one
+stream write per event-loop pass), the inbound queue feeding the handler in order, and
+the bridge between RESULT frames and the owner's :class:`~backbone.pending.PendingTable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from . import signals
+from .config import _Common
+from .errors import (
+    AckTimeout,
+    BackboneError,
+    Backpressure,
+    ErrorCode,
+    PayloadTooLarge,
+    ProtocolViolation,
+    RemoteError,
+)
+from .events import (
+    AckFailed,
+    AckReceived,
+    AckSent,
+    AckTimedOut,
+    LateAckDropped,
+    MessageReceived,
+    MessageSent,
+    Role,
+)
+from .frames import (
+    FLAG_ERROR,
+    FLAG_WAIT_ACK,
+    DataFrame,
+    FrameType,
+    decode_payload,
+    encode_data_frame,
+    encode_payload,
+)
+from .message import Message
+from .pending import PendingEntry, PendingTable
+from .session import MSG_STREAM
+
+if TYPE_CHECKING:
+    from ._quic import QuicEndpoint
+
+log = logging.getLogger("backbone")
+
+Handler = Callable[[Message], Any]
+
+_MESSAGE = int(FrameType.MESSAGE)
+
+
+class Waiter:
+    """What a pending entry holds: the future the sender awaits."""
+
+    __slots__ = ("client_id", "future")
+
+    def __init__(self, future: asyncio.Future[Any], client_id: str) -> None:
+        self.future = future
+        self.client_id = client_id
+
+
+class PendingOwner:
+    """Mixin for Server and Client: the pending-result table and its single timer."""
+
+    role: Role
+    pending: PendingTable[Waiter]
+    _loop: asyncio.AbstractEventLoop
+    _pending_timer: asyncio.TimerHandle | None = None
+    _pending_timer_at: float | None = None
+
+    def _arm_pending_timer(self, deadline: float) -> None:
+        at = self._pending_timer_at
+        if at is not None and at <= deadline:
+            return
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+        self._pending_timer_at = deadline
+        self._pending_timer = self._loop.call_at(deadline, self._expire_pending)
+
+    def _expire_pending(self) -> None:
+        self._pending_timer = None
+        self._pending_timer_at = None
+        now = self._loop.time()
+        for entry in self.pending.expire(now):
+            waiter = entry.token
+            msg_id = entry.msg_id.hex()
+            if not waiter.future.done():
+                waiter.future.set_exception(AckTimeout(msg_id, waiter.client_id, entry.timeout))
+            if signals.wants(signals.on_ack_timeout):
+                signals.emit(
+                    signals.on_ack_timeout,
+                    self,
+                    AckTimedOut(
+                        role=self.role,
+                        msg_id=msg_id,
+                        client_id=waiter.client_id,
+                        timeout=entry.timeout,
+                    ),
+                )
+        nxt = self.pending.next_deadline()
+        if nxt is not None:
+            self._arm_pending_timer(nxt)
+
+    def _fail_entries(
+        self, entries: list[PendingEntry[Waiter]], make_error: Callable[[str, str], BackboneError],
+        reason: str,
+    ) -> None:
+        now = self._loop.time()
+        want = signals.wants(signals.on_ack_failed)
+        for entry in entries:
+            waiter = entry.token
+            msg_id = entry.msg_id.hex()
+            if not waiter.future.done():
+                waiter.future.set_exception(make_error(msg_id, waiter.client_id))
+            if want:
+                signals.emit(
+                    signals.on_ack_failed,
+                    self,
+                    AckFailed(
+                        role=self.role,
+                        msg_id=msg_id,
+                        client_id=waiter.client_id,
+                        reason=reason,
+                        latency=now - entry.created_at,
+                    ),
+                )
+
+    async def _await_result(self, session_id: str, msg_id: bytes, fut: asyncio.Future[Any]) -> Any:
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            # the caller gave up: forget the entry, and treat a later result as late
+            self.pending.abandon(session_id, msg_id)
+            raise
+
+
+class LinkOwner(Protocol):
+    role: Role
+    pending: PendingTable[Waiter]
+    _handler: Handler | None
+
+    def _arm_pending_timer(self, deadline: float) -> None: ...
+
+
+def _error_body(error_type: str, message: str) -> bytes:
+    return orjson.dumps({"type": error_type, "message": message[:4000]})
+
+
+class Link:
+    """Messaging over one open connection."""
+
+    def __init__(
+        self,
+        owner: LinkOwner,
+        endpoint: QuicEndpoint,
+        config: _Common,
+        client_id: str,
+        session_id: str,
+        peer_max_payload: int,
+        now: float,
+    ) -> None:
+        self.owner = owner
+        self.role = owner.role
+        self.endpoint = endpoint
+        self.config = config
+        self.client_id = client_id
+        self.session_id = session_id
+        self.opened_at = now
+        self.max_payload_in = config.max_payload
+        self.max_payload_out = min(config.max_payload, peer_max_payload)
+        self.closed = False
+        self.messages_sent = 0
+        self.messages_received = 0
+        self._loop = asyncio.get_running_loop()
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._flush_handle: asyncio.Handle | None = None
+        self._inbox: deque[Message] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._worker = self._loop.create_task(self._work(), name=f"backbone-handler-{client_id}")
+
+    # --- outgoing ---------------------------------------------------------------------
+    def buffered(self) -> int:
+        return self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
+
+    def check_room(self, size: int) -> None:
+        """Raise :class:`Backpressure` if ``size`` more bytes would pass the limit.
+        Under the ``disconnect`` policy the slow peer is closed as well."""
+        limit = self.config.outbound_buffer_limit
+        buffered = self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
+        if buffered and buffered + size > limit:
+            if self.config.slow_consumer_policy == "disconnect":
+                self.endpoint.close_with(
+                    ErrorCode.SLOW_CONSUMER,
+                    f"slow consumer: {buffered} bytes unacknowledged (limit {limit})",
+                )
+            raise Backpressure(self.client_id, buffered, limit)
+
+    def check_payload(self, size: int) -> None:
+        if size > self.max_payload_out:
+            raise PayloadTooLarge(size, self.max_payload_out)
+
+    def send_frame(
+        self,
+        frame: bytes,
+        msg_id: bytes,
+        size: int,
+        wait_ack: bool,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        broadcast: bool = False,
+    ) -> asyncio.Future[Any] | None:
+        """Queue an encoded MESSAGE frame; with ``wait_ack`` register and return the future."""
+        self.check_room(len(frame))
+        fut: asyncio.Future[Any] | None = None
+        if wait_ack:
+            fut = self._loop.create_future()
+            owner = self.owner
+            entry = owner.pending.add(
+                self.session_id, msg_id, timeout, self._loop.time(), Waiter(fut, self.client_id)
+            )
+            owner._arm_pending_timer(entry.deadline)
+        self._queue(frame)
+        self.messages_sent += 1
+        if signals.wants(signals.on_message_sent):
+            signals.emit(
+                signals.on_message_sent,
+                self.owner,
+                MessageSent(
+                    role=self.role,
+                    msg_id=msg_id.hex(),
+                    client_id=self.client_id,
+                    size=size,
+                    wait_ack=wait_ack,
+                    broadcast=broadcast,
+                    headers=headers,
+                ),
+            )
+        return fut
+
+    def _queue(self, frame: bytes) -> None:
+        self._outbox.append(frame)
+        self._outbox_bytes += len(frame)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        outbox = self._outbox
+        if self.closed or not outbox:
+            return
+        data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        outbox.clear()
+        self._outbox_bytes = 0
+        self.endpoint.write_now(MSG_STREAM, data)
+
+    # --- incoming ---------------------------------------------------------------------
+    def on_frame(self, df: DataFrame, now: float) -> None:
+        """Handle a MESSAGE or RESULT; raises :class:`ProtocolViolation` on bad input."""
+        if len(df.body) > self.max_payload_in:
+            raise ProtocolViolation(
+                ErrorCode.FRAME_TOO_LARGE,
+                f"payload of {len(df.body)} bytes exceeds max_payload {self.max_payload_in}",
+            )
+        if df.type == _MESSAGE:
+            self._on_message(df)
+        else:
+            self._on_result(df, now)
+
+    def _on_message(self, df: DataFrame) -> None:
+        payload = decode_payload(df.flags, df.body)
+        wait_ack = bool(df.flags & FLAG_WAIT_ACK)
+        if len(self._inbox) >= self.config.max_inbound_queue:
+            raise ProtocolViolation(
+                ErrorCode.INBOUND_OVERFLOW,
+                f"more than {self.config.max_inbound_queue} messages waiting for the handler",
+            )
+        msg = Message(df.msg_id.hex(), self.client_id, payload, wait_ack, time.time(), df.headers)
+        self.messages_received += 1
+        if signals.wants(signals.on_message_received):
+            signals.emit(
+                signals.on_message_received,
+                self.owner,
+                MessageReceived(
+                    role=self.role,
+                    msg_id=msg.msg_id,
+                    client_id=self.client_id,
+                    size=len(df.body),
+                    wait_ack=wait_ack,
+                    headers=df.headers,
+                ),
+            )
+        self._inbox.append(msg)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    def _on_result(self, df: DataFrame, now: float) -> None:
+        owner = self.owner
+        entry = owner.pending.resolve(self.session_id, df.msg_id)
+        if entry is None:
+            if owner.pending.was_recently_expired(self.session_id, df.msg_id):
+                if signals.wants(signals.on_ack):
+                    signals.emit(
+                        signals.on_ack,
+                        owner,
+                        LateAckDropped(
+                            role=self.role, msg_id=df.msg_id.hex(), client_id=self.client_id
+                        ),
+                    )
+                return
+            raise ProtocolViolation(
+                ErrorCode.UNKNOWN_MESSAGE_ID,
+                f"RESULT for message {df.msg_id.hex()}, which is not awaiting a result",
+            )
+        fut = entry.token.future
+        error_type: str | None = None
+        if df.flags & FLAG_ERROR:
+            info = decode_payload(0, df.body)
+            if not isinstance(info, dict):
+                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "error RESULT body is not an object")
+            error_type = str(info.get("type", "Error"))
+            if not fut.done():
+                fut.set_exception(
+                    RemoteError(
+                        df.msg_id.hex(), self.client_id, error_type, str(info.get("message", ""))
+                    )
+                )
+        else:
+            value = decode_payload(df.flags, df.body)
+            if not fut.done():
+                fut.set_result(value)
+        if signals.wants(signals.on_ack):
+            signals.emit(
+                signals.on_ack,
+                owner,
+                AckReceived(
+                    role=self.role,
+                    msg_id=df.msg_id.hex(),
+                    client_id=self.client_id,
+                    ok=error_type is None,
+                    error_type=error_type,
+                    latency=now - entry.created_at,
+                ),
+            )
+
+    async def _work(self) -> None:
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            msg = inbox.popleft()
+            await self._process(msg)
+
+    async def _process(self, msg: Message) -> None:
+        handler = self.owner._handler
+        started = time.perf_counter()
+        error: tuple[str, str] | None = None
+        result: Any = None
+        if handler is None:
+            error = ("NoHandler", f"no handler is registered on {self.role} {self.client_id!r}")
+        else:
+            try:
+                if inspect.iscoroutinefunction(handler):
+                    result = await handler(msg)
+                elif self.config.sync_handler_in_thread:
+                    result = await self._loop.run_in_executor(None, handler, msg)
+                else:
+                    result = handler(msg)
+                if inspect.isawaitable(result):
+                    result = await _as_awaitable(result)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = (type(exc).__name__, str(exc))
+                if not msg.wait_ack:
+                    log.warning(
+                        "handler raised %s on message %s from %r (no result was asked for)",
+                        error[0],
+                        msg.msg_id,
+                        self.client_id,
+                        exc_info=True,
+                    )
+        if not msg.wait_ack or self.closed:
+            return
+        if error is None:
+            try:
+                flags, body = encode_payload(result)
+            except TypeError as exc:
+                error = ("TypeError", f"handler result is not serializable: {exc}")
+            else:
+                if len(body) > self.max_payload_out:
+                    error = (
+                        "PayloadTooLarge",
+                        f"handler result of {len(body)} bytes exceeds {self.max_payload_out}",
+                    )
+        if error is not None:
+            flags, body = FLAG_ERROR, _error_body(*error)
+        frame = encode_data_frame(
+            FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body
+        )
+        # a result is never refused for backpressure: the peer is waiting for it
+        self._queue(frame)
+        if signals.wants(signals.on_ack):
+            signals.emit(
+                signals.on_ack,
+                self.owner,
+                AckSent(
+                    role=self.role,
+                    msg_id=msg.msg_id,
+                    client_id=self.client_id,
+                    ok=error is None,
+                    error_type=None if error is None else error[0],
+                    size=len(body),
+                    processing_time=time.perf_counter() - started,
+                ),
+            )
+
+    # --- teardown -----------------------------------------------------------------------
+    def shutdown(self) -> int:
+        """Stop the handler worker and drop queued input; returns how many messages were
+        still waiting for the handler (their senders learn of it as a failed result)."""
+        if self.closed:
+            return 0
+        self.closed = True
+        self._worker.cancel()
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        dropped = len(self._inbox)
+        self._inbox.clear()
+        self._outbox.clear()
+        self._outbox_bytes = 0
+        return dropped
+
+
+async def _as_awaitable(value: Awaitable[Any]) -> Any:
+    return await value
+

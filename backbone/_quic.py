@@ -1,0 +1,259 @@
+"""The one module that touches aioquic — including its private internals.
+
+Everything here was written against aioquic 1.7.2 (see pyproject for the pinned range).
+Private attributes used, each wrapped in one small function below:
+
+* ``QuicConnection._streams[sid].sender._buffer_start/_buffer_stop`` — bytes queued on a
+  stream and not yet acknowledged by the peer (aioquic has no send backpressure);
+* ``QuicConnection._loss._rtt_smoothed`` / ``_rtt_initialized`` — the QUIC RTT estimate;
+* ``QuicConnection._close_event`` — to notice a peer's CONNECTION_CLOSE at once instead
+  of after the 3×PTO draining period;
+* ``QuicServer._transport`` — to learn the bound port when listening on port 0;
+* ``QuicConnectionProtocol._quic`` / ``_transmit_soon`` (protected API meant for subclasses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer, serve
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    QuicEvent,
+    StreamDataReceived,
+    StreamReset,
+)
+
+from .frames import ALPN
+
+log = logging.getLogger("backbone.quic")
+
+# aioquic's TLS alerts arrive as QUIC CRYPTO_ERROR 0x100 + alert
+CRYPTO_ERROR_BASE = 0x100
+CRYPTO_ERROR_MAX = 0x1FF
+
+
+def server_configuration(
+    certfile: str,
+    keyfile: str | None,
+    idle_timeout: float,
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        max_datagram_frame_size=None,
+    )
+    config.load_cert_chain(certfile, keyfile)
+    return config
+
+
+def client_configuration(
+    *,
+    server_name: str,
+    cafile: str | None,
+    verify: bool,
+    idle_timeout: float,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+) -> QuicConfiguration:
+    config = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=[ALPN],
+        idle_timeout=idle_timeout,
+        server_name=server_name,
+    )
+    if verify:
+        config.verify_mode = ssl.CERT_REQUIRED
+        if cafile:
+            config.load_verify_locations(cafile)
+    else:
+        config.verify_mode = ssl.CERT_NONE
+    if certfile:
+        config.load_cert_chain(certfile, keyfile)
+    return config
+
+
+class QuicEndpoint(QuicConnectionProtocol):
+    """A QUIC connection that reports stream data, handshake and termination to hooks.
+
+    Subclasses override :meth:`stream_data`, :meth:`handshake_done` and
+    :meth:`terminated`.  ``terminated`` is called exactly once, as early as possible:
+    when our own close is requested, when the peer's CONNECTION_CLOSE arrives, or when
+    aioquic reports the end of the connection.
+    """
+
+    def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
+        super().__init__(quic, stream_handler)
+        self.terminated_reported = False
+        self.refused = False
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed_by_peer = False
+        #: resolved when the handshake completes, failed if the connection ends first
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+
+    # --- hooks --------------------------------------------------------------------
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        raise NotImplementedError
+
+    def handshake_done(self) -> None:
+        pass
+
+    def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        pass
+
+    # --- aioquic plumbing -----------------------------------------------------------
+    def quic_event_received(self, event: QuicEvent) -> None:
+        if type(event) is StreamDataReceived:
+            if self.terminated_reported:
+                return
+            self.stream_data(event.stream_id, event.data, event.end_stream)
+        elif isinstance(event, HandshakeCompleted):
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self.handshake_done()
+        elif isinstance(event, StreamReset):
+            if not self.terminated_reported:
+                self.stream_data(event.stream_id, b"", True)
+        elif isinstance(event, ConnectionTerminated):
+            self._report_terminated(event.error_code, event.reason_phrase, by_peer=True)
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        super().datagram_received(data, addr)
+        close_event = self._quic._close_event
+        if close_event is not None and not self.terminated_reported:
+            self._report_terminated(close_event.error_code, close_event.reason_phrase, True)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable on a connected client socket: nobody listens there
+        if isinstance(exc, ConnectionRefusedError):
+            self.refused = True
+
+    def _report_terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        if self.terminated_reported:
+            return
+        self.terminated_reported = True
+        self.close_code = error_code
+        self.close_reason = reason
+        self.closed_by_peer = by_peer
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError(describe_close(error_code, reason)))
+            self.ready.exception()  # retrieved: nobody may be waiting
+        self.terminated(error_code, reason, by_peer)
+
+    # --- sending ----------------------------------------------------------------------
+    def write(self, stream_id: int, data: bytes) -> None:
+        """Queue stream data; it goes out on the next transmit (coalesced per loop pass)."""
+        self._quic.send_stream_data(stream_id, data)
+        self._transmit_soon()
+
+    def write_now(self, stream_id: int, data: bytes) -> None:
+        """Queue stream data and transmit at once (the caller already coalesced)."""
+        self._quic.send_stream_data(stream_id, data)
+        self.transmit()
+
+    def close_with(self, error_code: int, reason: str) -> None:
+        """Close the connection now (CONNECTION_CLOSE with an application code)."""
+        self._report_terminated(error_code, reason, by_peer=False)
+        if self._quic._close_event is None:
+            self._quic.close(error_code=error_code, reason_phrase=reason[:200])
+            self.transmit()
+
+    # --- introspection (private aioquic state) ---------------------------------------
+    def unacked_bytes(self, stream_id: int) -> int:
+        stream = self._quic._streams.get(stream_id)
+        if stream is None:
+            return 0
+        sender = stream.sender
+        return int(sender._buffer_stop - sender._buffer_start)
+
+    def smoothed_rtt(self) -> float | None:
+        loss = self._quic._loss
+        return float(loss._rtt_smoothed) if loss._rtt_initialized else None
+
+    def peer_address(self) -> str:
+        try:
+            addr = self._quic._network_paths[0].addr
+        except (AttributeError, IndexError):
+            return "?"
+        host = str(addr[0])
+        if host.startswith("::ffff:"):
+            host = host[7:]
+        return f"{host}:{addr[1]}"
+
+    def is_closed(self) -> bool:
+        return self.terminated_reported
+
+    def loop_time(self) -> float:
+        return self._loop.time()
+
+
+async def start_server(
+    host: str,
+    port: int,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicEndpoint],
+) -> tuple[QuicServer, int]:
+    server = await serve(host, port, configuration=configuration, create_protocol=create_protocol)
+    sockname = server._transport.get_extra_info("sockname") if server._transport else None
+    bound = int(sockname[1]) if sockname else port
+    return server, bound
+
+
+def server_connections(server: QuicServer) -> list[QuicConnectionProtocol]:
+    return list(set(server._protocols.values()))
+
+
+async def open_connection(
+    host: str,
+    port: int,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicEndpoint],
+) -> QuicEndpoint:
+    """Start a QUIC client connection and wait for the handshake.  The caller applies the
+    timeout; on failure the socket is closed and the error propagates."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
+        sock.connect(addr)  # a connected UDP socket reports ICMP port unreachable
+    except OSError:
+        sock.close()
+        raise
+    connection = QuicConnection(configuration=configuration)
+    transport, protocol = await loop.create_datagram_endpoint(
+        lambda: create_protocol(connection), sock=sock
+    )
+    assert isinstance(protocol, QuicEndpoint)
+    try:
+        protocol.connect(addr)
+        await protocol.ready
+    except BaseException:
+        if not protocol.terminated_reported:
+            protocol.close_with(0, "connect abandoned")
+        transport.close()
+        raise
+    return protocol
+
+
+def close_transport(protocol: QuicEndpoint) -> None:
+    if protocol._transport is not None:
+        protocol._transport.close()
+
+
+def describe_close(error_code: int, reason: str) -> str:
+    if CRYPTO_ERROR_BASE <= error_code <= CRYPTO_ERROR_MAX:
+        return f"TLS alert {error_code - CRYPTO_ERROR_BASE}: {reason}"
+    return f"code 0x{error_code:x}: {reason}"

@@ -1,0 +1,565 @@
+"""The backbone client: keeps one connection to the server, reconnecting with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Iterable
+from typing import Any
+
+from . import signals
+from ._link import Handler, Link, PendingOwner
+from ._quic import (
+    CRYPTO_ERROR_BASE,
+    CRYPTO_ERROR_MAX,
+    QuicEndpoint,
+    client_configuration,
+    close_transport,
+    describe_close,
+    open_connection,
+)
+from .backoff import Backoff
+from .config import ClientConfig
+from .errors import (
+    BackboneError,
+    ErrorCode,
+    NotConnected,
+    ProtocolViolation,
+    ServerGone,
+)
+from .events import (
+    Connected,
+    ConnectFailed,
+    Disconnected,
+    GoAwayReceived,
+    HeartbeatAcknowledged,
+    HeartbeatTimedOut,
+    ProtocolViolated,
+    ReconnectScheduled,
+    SendRejected,
+    StateChanged,
+)
+from .frames import FLAG_WAIT_ACK, DataFrame, FrameType, encode_data_frame, encode_payload
+from .ids import MsgIdGenerator
+from .pending import PendingTable
+from .session import ClientSession, GoAway, PongReceived, Welcome
+from .state import ClientState, check_transition
+
+log = logging.getLogger("backbone.client")
+
+
+class ConnectError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class _ClientConnection(QuicEndpoint):
+    def __init__(self, quic: Any, client: Client, **_: Any) -> None:
+        super().__init__(quic)
+        self.client = client
+        cfg = client.config
+        self.session = ClientSession(
+            client_id=cfg.client_id,
+            max_payload=cfg.max_payload,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_misses=cfg.heartbeat_misses,
+            now=self._loop.time(),
+        )
+        self.link: Link | None = None
+        self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()
+        self.lost: asyncio.Future[str] = self._loop.create_future()
+        self.goaway: GoAway | None = None
+        self.reason: str | None = None
+        self._hb_timer: asyncio.TimerHandle | None = None
+
+    def handshake_done(self) -> None:
+        self._send_session_output()
+
+    def _send_session_output(self) -> None:
+        for sid, out in self.session.data_to_send():
+            self._quic.send_stream_data(sid, out)
+        self.transmit()
+
+    def _arm(self) -> None:
+        when = self.session.get_timer()
+        if when is not None and not self.terminated_reported:
+            self._hb_timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._hb_timer = None
+        if self.terminated_reported:
+            return
+        now = self._loop.time()
+        verdict = self.session.handle_timer(now)
+        if verdict is not None:
+            hb = self.session.heartbeat
+            log.warning("server %s stopped answering heartbeats: %s", self.peer_address(),
+                        verdict.reason)
+            if signals.wants(signals.on_timeout):
+                signals.emit(
+                    signals.on_timeout,
+                    self.client,
+                    HeartbeatTimedOut(
+                        role="client",
+                        client_id=self.client.client_id,
+                        session_id=self.session.session_id,
+                        silent_for=now - hb.silent_since(),
+                    ),
+                )
+            self.shut("heartbeat_timeout", verdict.code, verdict.reason)
+            return
+        self._send_session_output()
+        self._arm()
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        now = self._loop.time()
+        try:
+            for item in self.session.receive_stream_data(stream_id, data, end_stream, now):
+                if type(item) is DataFrame:
+                    assert self.link is not None
+                    self.link.on_frame(item, now)
+                elif type(item) is PongReceived:
+                    if signals.wants(signals.on_heartbeat):
+                        signals.emit(
+                            signals.on_heartbeat,
+                            self.client,
+                            HeartbeatAcknowledged(
+                                role="client",
+                                client_id=self.client.client_id,
+                                session_id=self.session.session_id,
+                                rtt=item.rtt,
+                            ),
+                        )
+                elif type(item) is Welcome:
+                    self.link = Link(
+                        self.client,
+                        self,
+                        self.client.config,
+                        self.client.client_id,
+                        item.session_id,
+                        item.max_payload,
+                        now,
+                    )
+                    if not self.welcomed.done():
+                        self.welcomed.set_result(item)
+                    self._send_session_output()  # first ping at once
+                    self._arm()
+                elif type(item) is GoAway:
+                    self.goaway = item
+                    log.info("server asked us to go away: %s", item.reason)
+                    if signals.wants(signals.on_goaway):
+                        signals.emit(
+                            signals.on_goaway,
+                            self.client,
+                            GoAwayReceived(
+                                role="client",
+                                client_id=self.client.client_id,
+                                reason=item.reason,
+                                retry_after=item.retry_after,
+                                window=item.window,
+                            ),
+                        )
+        except ProtocolViolation as pv:
+            log.warning("server broke the protocol: %s", pv)
+            if signals.wants(signals.on_protocol_error):
+                signals.emit(
+                    signals.on_protocol_error,
+                    self.client,
+                    ProtocolViolated(
+                        role="client",
+                        client_id=self.client.client_id,
+                        peer=self.peer_address(),
+                        code=int(pv.code),
+                        code_name=pv.code.name,
+                        reason=pv.reason,
+                    ),
+                )
+            self.shut(pv.code.reason_name, pv.code, pv.reason)
+
+    def shut(self, reason: str, code: int, detail: str) -> None:
+        self.reason = reason
+        self.close_with(int(code), f"{reason}: {detail}" if detail else reason)
+
+    def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()
+            self._hb_timer = None
+        if by_peer:
+            if error_code == ErrorCode.GOING_AWAY:
+                why = "server_going_away"
+            elif error_code == ErrorCode.REPLACED:
+                why = "replaced"
+            elif reason == "Idle timeout":
+                why = "idle_timeout"
+            else:
+                why = "closed_by_server"
+        else:
+            why = self.reason or "closed"
+        if not self.lost.done():
+            self.lost.set_result(why)
+        if not self.welcomed.done():
+            self.welcomed.set_exception(
+                ConnectError(_close_category(error_code), describe_close(error_code, reason))
+            )
+            self.welcomed.exception()
+
+
+def _close_category(code: int) -> str:
+    if CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_MAX:
+        return "tls"
+    if code in (ErrorCode.AUTH_FAILED,):
+        return "auth"
+    if code in (ErrorCode.OVERLOADED, ErrorCode.GOING_AWAY):
+        return "rejected"
+    return "protocol"
+
+
+class Client(PendingOwner):
+    """A backbone client.  ``async with Client(...)`` runs the connection manager:
+    it connects, and reconnects with jittered exponential backoff until closed."""
+
+    role = "client"
+
+    def __init__(
+        self,
+        client_id: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        cafile: str | None = None,
+        config: ClientConfig | None = None,
+        plugins: Iterable[Any] = (),
+        rng: random.Random | None = None,
+        **settings: Any,
+    ) -> None:
+        base = config.model_dump() if config is not None else {}
+        for key, value in (("client_id", client_id), ("host", host), ("port", port),
+                           ("cafile", cafile)):
+            if value is not None:
+                base[key] = value
+        base.update(settings)
+        self.config = ClientConfig(**base)
+        self.client_id = self.config.client_id
+        self._handler: Handler | None = None
+        self._state = ClientState.IDLE
+        self._conn: _ClientConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._ids = MsgIdGenerator()
+        self._rng = rng or random.Random()
+        self._closing = False
+        self._connected_event: asyncio.Event | None = None
+        self.plugins = list(plugins)
+        self.connects = 0
+        self.backoff = Backoff(
+            self.config.backoff_initial,
+            self.config.backoff_max,
+            self.config.backoff_factor,
+            self.config.backoff_jitter,
+            self._rng.random,
+        )
+        if not self.config.verify:
+            log.warning(
+                "client %r: TLS certificate verification is OFF — the server is not "
+                "authenticated; never use this outside development",
+                self.client_id,
+            )
+
+    # --- state -----------------------------------------------------------------------------
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    @property
+    def connected(self) -> bool:
+        return self._state is ClientState.CONNECTED
+
+    def _set_state(self, new: ClientState, reason: str = "") -> None:
+        old = self._state
+        if old is new:
+            return
+        check_transition(old, new)
+        self._state = new
+        assert self._connected_event is not None
+        if new is ClientState.CONNECTED:
+            self._connected_event.set()
+        else:
+            self._connected_event.clear()
+        log.debug("client %r: %s -> %s %s", self.client_id, old.value, new.value, reason)
+        if signals.wants(signals.on_state_changed):
+            signals.emit(
+                signals.on_state_changed,
+                self,
+                StateChanged(
+                    role="client",
+                    client_id=self.client_id,
+                    old=old.value,
+                    new=new.value,
+                    reason=reason,
+                ),
+            )
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        if self._connected_event is None:
+            raise NotConnected("the client is not started (use `async with client`)")
+        async with asyncio.timeout(timeout):
+            await self._connected_event.wait()
+
+    def handler(self, fn: Handler) -> Handler:
+        """Register the handler for server → client messages (decorator).  Its return value
+        is the WaitAck result; an exception becomes a ``RemoteError`` on the server."""
+        self._handler = fn
+        return fn
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self.pending = PendingTable(self.config.max_pending, self.config.max_pending)
+        self._connected_event = asyncio.Event()
+        for plugin in self.plugins:
+            plugin.install(self)
+        self._task = self._loop.create_task(self._run(), name=f"backbone-client-{self.client_id}")
+
+    async def close(self) -> None:
+        if self._task is None or self._closing:
+            return
+        self._closing = True
+        conn = self._conn
+        if conn is not None and not conn.terminated_reported:
+            conn.shut("closed", ErrorCode.NO_ERROR, "client closing")
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        for plugin in reversed(self.plugins):
+            plugin.uninstall(self)
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- connection manager ---------------------------------------------------------------------
+    def _qconf(self) -> Any:
+        cfg = self.config
+        return client_configuration(
+            server_name=cfg.server_name or cfg.host,
+            cafile=cfg.cafile,
+            verify=cfg.verify,
+            idle_timeout=cfg.quic_idle_timeout,
+            certfile=cfg.certfile,
+            keyfile=cfg.keyfile,
+        )
+
+    async def _connect_once(self) -> _ClientConnection:
+        cfg = self.config
+        holder: list[_ClientConnection] = []
+
+        def factory(quic: Any, **kw: Any) -> _ClientConnection:
+            conn = _ClientConnection(quic, self, **kw)
+            holder.append(conn)
+            return conn
+
+        try:
+            async with asyncio.timeout(cfg.connect_timeout):
+                try:
+                    await open_connection(cfg.host, cfg.port, self._qconf(), factory)
+                except ConnectionError as exc:
+                    conn = holder[0] if holder else None
+                    if conn is not None and conn.refused:
+                        raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
+                    code = conn.close_code if conn is not None else None
+                    cat = _close_category(code) if code is not None else "error"
+                    raise ConnectError(cat, str(exc)) from None
+                conn = holder[0]
+                self._conn = conn
+                await conn.welcomed
+                return conn
+        except TimeoutError:
+            conn = holder[0] if holder else None
+            if conn is not None:
+                conn.shut("timeout", ErrorCode.NO_ERROR, "connect timeout")
+                close_transport(conn)
+            if conn is not None and conn.refused:
+                raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
+            raise ConnectError("timeout", f"no session within {cfg.connect_timeout:g} s")
+        except OSError as exc:
+            raise ConnectError("error", str(exc)) from None
+        except BaseException:
+            if holder:
+                holder[0].shut("closed", ErrorCode.NO_ERROR, "connect abandoned")
+                close_transport(holder[0])
+            raise
+
+    async def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._closing:
+                self._set_state(ClientState.CONNECTING, f"attempt {attempt + 1}")
+                started = self._loop.time()
+                try:
+                    conn = await self._connect_once()
+                except ConnectError as exc:
+                    attempt += 1
+                    log.info("client %r: connect failed (%s): %s", self.client_id, exc.reason,
+                             exc.detail)
+                    if signals.wants(signals.on_connect_failed):
+                        signals.emit(
+                            signals.on_connect_failed,
+                            self,
+                            ConnectFailed(
+                                role="client",
+                                client_id=self.client_id,
+                                reason=exc.reason,
+                                detail=exc.detail,
+                                attempt=attempt,
+                            ),
+                        )
+                    self._conn = None
+                    await self._back_off(attempt, exc.reason, None)
+                    continue
+                attempt = 0
+                self.connects += 1
+                assert conn.link is not None
+                self._set_state(ClientState.CONNECTED, "welcomed")
+                log.info("client %r connected to %s", self.client_id, conn.peer_address())
+                if signals.wants(signals.on_connected):
+                    signals.emit(
+                        signals.on_connected,
+                        self,
+                        Connected(
+                            role="client",
+                            client_id=self.client_id,
+                            session_id=conn.link.session_id,
+                            peer=conn.peer_address(),
+                            setup_time=self._loop.time() - started,
+                        ),
+                    )
+                reason = await asyncio.shield(conn.lost)
+                up_for = self._loop.time() - conn.link.opened_at
+                self._connection_ended(conn, reason, up_for)
+                if up_for >= self.config.backoff_reset_after:
+                    self.backoff.reset()
+                if self._closing:
+                    break
+                await self._back_off(1, reason, conn.goaway)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            conn = self._conn
+            if conn is not None:
+                if not conn.terminated_reported:
+                    conn.shut("closed", ErrorCode.NO_ERROR, "client closing")
+                if conn.link is not None and not conn.link.closed:
+                    self._connection_ended(conn, "closed", self._loop.time() - conn.link.opened_at)
+                close_transport(conn)
+            self._fail_entries(
+                self.pending.drop_all(),
+                lambda msg_id, peer: ServerGone(msg_id, "server", "client closed"),
+                "client_closed",
+            )
+            if self._state is not ClientState.CLOSED:
+                self._set_state(ClientState.CLOSED, "closed")
+
+    def _connection_ended(self, conn: _ClientConnection, reason: str, up_for: float) -> None:
+        link = conn.link
+        assert link is not None
+        link.shutdown()
+        self._fail_entries(
+            self.pending.drop_peer(link.session_id),
+            lambda msg_id, peer: ServerGone(msg_id, "server", reason),
+            reason,
+        )
+        close_transport(conn)
+        log.info("client %r disconnected: %s", self.client_id, reason)
+        if signals.wants(signals.on_disconnected):
+            signals.emit(
+                signals.on_disconnected,
+                self,
+                Disconnected(
+                    role="client",
+                    client_id=self.client_id,
+                    session_id=link.session_id,
+                    reason=reason,
+                    code=conn.close_code,
+                    detail=conn.close_reason,
+                    duration=up_for,
+                ),
+            )
+
+    async def _back_off(self, attempt: int, reason: str, goaway: GoAway | None) -> None:
+        if self._closing:
+            return
+        if goaway is not None:
+            delay = goaway.retry_after + self._rng.random() * goaway.window
+        else:
+            delay = self.backoff.next_delay()
+        self._set_state(ClientState.BACKOFF, reason)
+        log.info("client %r: reconnecting in %.2f s (%s)", self.client_id, delay, reason)
+        if signals.wants(signals.on_reconnect_scheduled):
+            signals.emit(
+                signals.on_reconnect_scheduled,
+                self,
+                ReconnectScheduled(
+                    role="client",
+                    client_id=self.client_id,
+                    attempt=self.backoff.attempt,
+                    delay=delay,
+                    reason=reason,
+                ),
+            )
+        await asyncio.sleep(delay)
+
+    # --- sending -----------------------------------------------------------------------------
+    async def send(
+        self,
+        payload: Any,
+        *,
+        wait_ack: bool = False,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Send to the server.  Without ``wait_ack`` returns the MsgID; with it, the server
+        handler's result (or ``AckTimeout`` / ``ServerGone`` / ``RemoteError``)."""
+        conn = self._conn
+        link = conn.link if conn is not None else None
+        try:
+            if link is None or link.closed or self._state is not ClientState.CONNECTED:
+                raise NotConnected(f"client {self.client_id!r} is not connected to the server")
+            flags, body = encode_payload(payload)
+            link.check_payload(len(body))
+            if wait_ack:
+                flags |= FLAG_WAIT_ACK
+            msg_id = self._ids.next()
+            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
+            fut = link.send_frame(
+                frame,
+                msg_id,
+                len(body),
+                wait_ack,
+                self.config.ack_timeout if timeout is None else timeout,
+                headers,
+            )
+        except BackboneError as exc:
+            if signals.wants(signals.on_send_rejected):
+                signals.emit(
+                    signals.on_send_rejected,
+                    self,
+                    SendRejected(
+                        role="client",
+                        client_id=self.client_id,
+                        reason=type(exc).__name__,
+                        detail=str(exc),
+                    ),
+                )
+            raise
+        if fut is None:
+            return msg_id.hex()
+        return await self._await_result(link.session_id, msg_id, fut)

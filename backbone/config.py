@@ -1,0 +1,97 @@
+"""Configuration models.  Defaults follow the spec (15 s heartbeat, 3 misses, 1 MiB payload,
+backoff 1 s → 60 s)."""
+
+from __future__ import annotations
+
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MiB = 1024 * 1024
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    heartbeat_interval: float = Field(15.0, gt=0, description="seconds between client pings")
+    heartbeat_misses: int = Field(
+        3, ge=1, description="silent intervals before the peer is declared dead"
+    )
+    ack_timeout: float = Field(30.0, gt=0, description="default WaitAck timeout, seconds")
+    max_payload: int = Field(MiB, ge=1, description="largest payload accepted, bytes")
+    outbound_buffer_limit: int = Field(
+        4 * MiB, ge=1, description="bytes queued but not yet acknowledged by a peer's QUIC stack"
+    )
+    slow_consumer_policy: Literal["reject", "disconnect"] = Field(
+        "reject", description="what happens when outbound_buffer_limit is reached"
+    )
+    max_inbound_queue: int = Field(
+        10_000, ge=1, description="messages waiting for the handler before the peer is closed"
+    )
+    sync_handler_in_thread: bool = Field(
+        True, description="run plain (non-async) handlers in a worker thread"
+    )
+    quic_idle_timeout: float = Field(60.0, gt=0, description="QUIC idle timeout, seconds")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.outbound_buffer_limit < self.max_payload:
+            raise ValueError(
+                f"outbound_buffer_limit ({self.outbound_buffer_limit}) must be at least "
+                f"max_payload ({self.max_payload})"
+            )
+        return self
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_misses
+
+
+class ServerConfig(_Common):
+    host: str = "127.0.0.1"
+    port: int = Field(4433, ge=0, le=65535)
+    certfile: str | None = None
+    keyfile: str | None = None
+    max_pending_per_client: int = Field(1000, ge=1)
+    max_pending_total: int = Field(100_000, ge=1)
+    hello_timeout: float = Field(10.0, gt=0, description="time allowed between handshake and HELLO")
+    close_grace: float = Field(
+        2.0, ge=0, description="on stop, seconds to let pending results arrive before closing"
+    )
+
+    @model_validator(mode="after")
+    def _check_server(self) -> Self:
+        if self.max_pending_per_client > self.max_pending_total:
+            raise ValueError("max_pending_per_client cannot exceed max_pending_total")
+        return self
+
+
+class ClientConfig(_Common):
+    client_id: str
+    host: str = "127.0.0.1"
+    port: int = Field(4433, ge=1, le=65535)
+    server_name: str | None = Field(None, description="TLS server name; defaults to host")
+    cafile: str | None = None
+    verify: bool = Field(True, description="verify the server certificate and host name")
+    certfile: str | None = Field(None, description="client certificate (mutual TLS)")
+    keyfile: str | None = None
+    max_pending: int = Field(1000, ge=1, description="results pending from the server")
+    connect_timeout: float = Field(10.0, gt=0)
+    backoff_initial: float = Field(1.0, gt=0)
+    backoff_max: float = Field(60.0, gt=0)
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_jitter: float = Field(0.2, ge=0, lt=1)
+    backoff_reset_after: float = Field(
+        30.0, ge=0, description="a connection up this long resets the backoff"
+    )
+
+    @model_validator(mode="after")
+    def _check_client(self) -> Self:
+        if self.backoff_max < self.backoff_initial:
+            raise ValueError("backoff_max must be at least backoff_initial")
+        from .ids import client_id_problem
+
+        problem = client_id_problem(self.client_id)
+        if problem:
+            raise ValueError(problem)
+        return self

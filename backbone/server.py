@@ -1,0 +1,515 @@
+"""The backbone server: accepts clients, sends to one or all, collects results."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from . import signals
+from ._link import Handler, Link, PendingOwner
+from ._quic import QuicEndpoint, server_configuration, server_connections, start_server
+from .config import ServerConfig
+from .errors import (
+    BackboneError,
+    ClientGone,
+    ClientNotConnected,
+    ErrorCode,
+    ProtocolViolation,
+)
+from .events import (
+    Connected,
+    Disconnected,
+    HeartbeatReceived,
+    HeartbeatTimedOut,
+    ProtocolViolated,
+    SendRejected,
+    ServerStarted,
+    ServerStopped,
+)
+from .frames import (
+    FLAG_WAIT_ACK,
+    DataFrame,
+    FrameType,
+    encode_data_frame,
+    encode_json_frame,
+    encode_payload,
+)
+from .ids import MsgIdGenerator
+from .message import BroadcastReport, ClientInfo, Outcome
+from .pending import PendingTable
+from .session import HEARTBEAT_STREAM, Hello, ServerSession
+
+log = logging.getLogger("backbone.server")
+
+_REJECT_REASONS: dict[str, str] = {
+    "ClientNotConnected": "not_connected",
+    "PayloadTooLarge": "payload_too_large",
+    "Backpressure": "backpressure",
+    "TooManyPending": "too_many_pending",
+}
+
+
+class _ServerConnection(QuicEndpoint):
+    """One client connection on the server."""
+
+    def __init__(self, quic: Any, server: Server, **_: Any) -> None:
+        super().__init__(quic)
+        self.server = server
+        cfg = server.config
+        now = self._loop.time()
+        self.session = ServerSession(
+            max_payload=cfg.max_payload,
+            heartbeat_interval=cfg.heartbeat_interval,
+            heartbeat_misses=cfg.heartbeat_misses,
+            hello_timeout=cfg.hello_timeout,
+            now=now,
+        )
+        self.link: Link | None = None
+        self.session_id = ""
+        self.connected_at_wall = 0.0
+        self.reason: str | None = None  # why we closed it, when we did
+        self._hb_timer: asyncio.TimerHandle | None = None
+        self._arm(self.session.get_timer())
+
+    # --- timers -------------------------------------------------------------------------
+    def _arm(self, when: float) -> None:
+        self._hb_timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._hb_timer = None
+        if self.terminated_reported:
+            return
+        verdict = self.session.check_timer(self._loop.time())
+        if verdict is None:
+            self._arm(self.session.get_timer())
+            return
+        if verdict.code == ErrorCode.HEARTBEAT_TIMEOUT and self.link is not None:
+            hb = self.session.heartbeat
+            if signals.wants(signals.on_timeout):
+                signals.emit(
+                    signals.on_timeout,
+                    self.server,
+                    HeartbeatTimedOut(
+                        role="server",
+                        client_id=self.link.client_id,
+                        session_id=self.session_id,
+                        silent_for=self._loop.time() - hb.last_heartbeat_at,
+                        last_heartbeat_at=self.server._wall(hb.last_heartbeat_at),
+                    ),
+                )
+            log.warning("evicting %r: %s", self.link.client_id, verdict.reason)
+            self.shut("heartbeat_timeout", verdict.code, verdict.reason)
+        else:
+            self.violation(verdict, emit_event=False)
+
+    # --- input ----------------------------------------------------------------------------
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        now = self._loop.time()
+        session = self.session
+        try:
+            items = session.receive_stream_data(stream_id, data, end_stream, now)
+            link = self.link
+            for item in items:
+                if type(item) is DataFrame:
+                    assert link is not None
+                    link.on_frame(item, now)
+                elif type(item) is Hello:
+                    self.server._accept(self, item, now)
+                    link = self.link
+        except ProtocolViolation as pv:
+            self.violation(pv)
+            return
+        if stream_id == HEARTBEAT_STREAM:
+            for sid, out in session.data_to_send():
+                self._quic.send_stream_data(sid, out)
+            if self.link is not None and signals.wants(signals.on_heartbeat):
+                signals.emit(
+                    signals.on_heartbeat,
+                    self.server,
+                    HeartbeatReceived(
+                        role="server", client_id=self.link.client_id, session_id=self.session_id
+                    ),
+                )
+
+    def violation(self, pv: ProtocolViolation, emit_event: bool = True) -> None:
+        client_id = self.link.client_id if self.link else None
+        log.warning(
+            "closing connection from %s (client %r): %s %s",
+            self.peer_address(),
+            client_id,
+            pv.code.name,
+            pv.reason,
+        )
+        if signals.wants(signals.on_protocol_error):
+            signals.emit(
+                signals.on_protocol_error,
+                self.server,
+                ProtocolViolated(
+                    role="server",
+                    client_id=client_id,
+                    peer=self.peer_address(),
+                    code=int(pv.code),
+                    code_name=pv.code.name,
+                    reason=pv.reason,
+                ),
+            )
+        self.shut(pv.code.reason_name, pv.code, pv.reason)
+
+    # --- teardown ----------------------------------------------------------------------------
+    def shut(self, reason: str, code: int, detail: str) -> None:
+        """Close this connection from our side with an application close code."""
+        self.reason = reason
+        self.close_with(int(code), f"{reason}: {detail}" if detail else reason)
+
+    def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()
+            self._hb_timer = None
+        if by_peer:
+            why = "closed_by_client" if error_code == 0 else "connection_lost"
+            if reason == "Idle timeout":
+                why = "idle_timeout"
+        else:
+            why = self.reason or "closed"
+        self.server._forget(self, why, error_code, reason)
+
+
+class Server(PendingOwner):
+    """A backbone server.  ``async with Server(...)`` listens and, on exit, stops gracefully.
+
+    Configuration comes as keywords or as ``config=ServerConfig(...)``.
+    """
+
+    role = "server"
+
+    def __init__(
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        config: ServerConfig | None = None,
+        plugins: Iterable[Any] = (),
+        **settings: Any,
+    ) -> None:
+        base = config.model_dump() if config is not None else {}
+        for key, value in (("host", host), ("port", port), ("certfile", certfile),
+                           ("keyfile", keyfile)):
+            if value is not None:
+                base[key] = value
+        base.update(settings)
+        self.config = ServerConfig(**base)
+        if not self.config.certfile:
+            raise BackboneError("a server needs certfile (and keyfile) for TLS")
+        self._handler: Handler | None = None
+        self._sessions: dict[str, _ServerConnection] = {}
+        self._ids = MsgIdGenerator()
+        self._session_seq = 0
+        self._server_id = os.urandom(4).hex()
+        self._quic_server: Any = None
+        self._port = self.config.port
+        self._closing = False
+        self._wall_offset = 0.0
+        self.plugins = list(plugins)
+        self._plugin_handles: list[Any] = []
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.config.host, self._port
+
+    def _wall(self, loop_time: float) -> float:
+        return loop_time + self._wall_offset
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.pending = PendingTable(
+            self.config.max_pending_per_client, self.config.max_pending_total
+        )
+        self._wall_offset = time.time() - self._loop.time()
+        for plugin in self.plugins:
+            plugin.install(self)
+        cfg = self.config
+        qconf = server_configuration(cfg.certfile or "", cfg.keyfile, cfg.quic_idle_timeout)
+        self._quic_server, self._port = await start_server(
+            cfg.host, cfg.port, qconf, lambda quic, **kw: _ServerConnection(quic, self, **kw)
+        )
+        log.info("listening on %s:%d (QUIC, ALPN backbone/1)", cfg.host, self._port)
+        if signals.wants(signals.on_server_started):
+            signals.emit(
+                signals.on_server_started,
+                self,
+                ServerStarted(role="server", host=cfg.host, port=self._port),
+            )
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop: refuse new sessions, tell clients to go away, give pending results up to
+        ``grace`` seconds (default ``close_grace``), then close every connection."""
+        if self._closing or self._quic_server is None:
+            return
+        self._closing = True
+        grace = self.config.close_grace if grace is None else grace
+        goaway = encode_json_frame(
+            FrameType.GOAWAY,
+            {"reason": "server shutting down", "retry_after": 0.5, "window": 2.0},
+        )
+        for conn in list(self._sessions.values()):
+            if conn.link is not None and not conn.link.closed:
+                conn.link._queue(goaway)
+        waiting = [
+            entry.token.future
+            for peer in list(self.pending._by_peer.values())
+            for entry in peer.values()
+        ]
+        if waiting and grace > 0:
+            await asyncio.wait(waiting, timeout=grace)
+        self._fail_entries(
+            self.pending.drop_all(),
+            lambda msg_id, cid: ClientGone(msg_id, cid, "server closing"),
+            "server_closing",
+        )
+        for conn in server_connections(self._quic_server):
+            if isinstance(conn, _ServerConnection) and not conn.terminated_reported:
+                conn.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
+        self._quic_server.close()
+        self._quic_server = None
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+        log.info("stopped")
+        if signals.wants(signals.on_server_stopped):
+            signals.emit(
+                signals.on_server_stopped,
+                self,
+                ServerStopped(
+                    role="server", host=self.config.host, port=self._port, reason="stopped"
+                ),
+            )
+        for plugin in reversed(self.plugins):
+            plugin.uninstall(self)
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # --- handler -------------------------------------------------------------------------------
+    def handler(self, fn: Handler) -> Handler:
+        """Register the handler for client → server messages (decorator)."""
+        self._handler = fn
+        return fn
+
+    # --- sessions ------------------------------------------------------------------------------
+    def _accept(self, conn: _ServerConnection, hello: Hello, now: float) -> None:
+        if self._closing:
+            raise ProtocolViolation(ErrorCode.GOING_AWAY, "server is shutting down")
+        self._session_seq += 1
+        session_id = f"{self._server_id}-{self._session_seq}"
+        conn.session_id = session_id
+        conn.connected_at_wall = self._wall(now)
+        conn.session.accept(hello, session_id, {"server_id": self._server_id}, now)
+        for sid, out in conn.session.data_to_send():
+            conn._quic.send_stream_data(sid, out)
+        conn.link = Link(
+            self, conn, self.config, hello.client_id, session_id, hello.max_payload, now
+        )
+        old = self._sessions.get(hello.client_id)
+        self._sessions[hello.client_id] = conn
+        if old is not None and not old.terminated_reported:
+            log.info("client %r reconnected; closing its previous session", hello.client_id)
+            old.shut("replaced", ErrorCode.REPLACED, "a newer connection took over this client id")
+        log.info("client %r connected from %s", hello.client_id, conn.peer_address())
+        if signals.wants(signals.on_connected):
+            signals.emit(
+                signals.on_connected,
+                self,
+                Connected(
+                    role="server",
+                    client_id=hello.client_id,
+                    session_id=session_id,
+                    peer=conn.peer_address(),
+                ),
+            )
+
+    def _forget(self, conn: _ServerConnection, reason: str, code: int, detail: str) -> None:
+        link = conn.link
+        if link is None:
+            return
+        link.shutdown()
+        if self._sessions.get(link.client_id) is conn:
+            del self._sessions[link.client_id]
+        self._fail_entries(
+            self.pending.drop_peer(conn.session_id),
+            lambda msg_id, cid: ClientGone(msg_id, cid, reason),
+            reason,
+        )
+        log.info("client %r disconnected: %s", link.client_id, reason)
+        if signals.wants(signals.on_disconnected):
+            signals.emit(
+                signals.on_disconnected,
+                self,
+                Disconnected(
+                    role="server",
+                    client_id=link.client_id,
+                    session_id=conn.session_id,
+                    reason=reason,
+                    code=code,
+                    detail=detail,
+                    duration=self._loop.time() - link.opened_at,
+                ),
+            )
+
+    # --- sending -------------------------------------------------------------------------------
+    def _rejected(self, client_id: str, exc: BackboneError) -> None:
+        if signals.wants(signals.on_send_rejected):
+            signals.emit(
+                signals.on_send_rejected,
+                self,
+                SendRejected(
+                    role="server",
+                    client_id=client_id,
+                    reason=_REJECT_REASONS.get(type(exc).__name__, "error"),
+                    detail=str(exc),
+                ),
+            )
+
+    async def send_to(
+        self,
+        client_id: str,
+        payload: Any,
+        *,
+        wait_ack: bool = False,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Send to one client.  Without ``wait_ack`` returns the MsgID once the message is
+        queued; with it, returns the client's result or raises ``AckTimeout``,
+        ``ClientGone`` or ``RemoteError``.  Raises ``ClientNotConnected``,
+        ``PayloadTooLarge``, ``Backpressure`` or ``TooManyPending`` at once."""
+        conn = self._sessions.get(client_id)
+        link = conn.link if conn is not None else None
+        try:
+            if link is None or link.closed:
+                raise ClientNotConnected(client_id)
+            flags, body = encode_payload(payload)
+            link.check_payload(len(body))
+            if wait_ack:
+                flags |= FLAG_WAIT_ACK
+            msg_id = self._ids.next()
+            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
+            fut = link.send_frame(
+                frame,
+                msg_id,
+                len(body),
+                wait_ack,
+                self.config.ack_timeout if timeout is None else timeout,
+                headers,
+            )
+        except BackboneError as exc:
+            self._rejected(client_id, exc)
+            raise
+        if fut is None:
+            return msg_id.hex()
+        return await self._await_result(link.session_id, msg_id, fut)
+
+    async def broadcast(
+        self,
+        payload: Any,
+        *,
+        wait_ack: bool = False,
+        timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> BroadcastReport:
+        """Send one message to every connected client: encoded once, the same bytes to
+        each.  Never raises for one bad client: each client's outcome is in the report."""
+        flags, body = encode_payload(payload)
+        if wait_ack:
+            flags |= FLAG_WAIT_ACK
+        msg_id = self._ids.next()
+        frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
+        timeout = self.config.ack_timeout if timeout is None else timeout
+        outcomes: dict[str, Outcome] = {}
+        futures: dict[str, tuple[str, asyncio.Future[Any]]] = {}
+        for client_id, conn in list(self._sessions.items()):
+            link = conn.link
+            try:
+                if link is None or link.closed:
+                    raise ClientNotConnected(client_id)
+                link.check_payload(len(body))
+                fut = link.send_frame(
+                    frame, msg_id, len(body), wait_ack, timeout, headers, broadcast=True
+                )
+            except BackboneError as exc:
+                self._rejected(client_id, exc)
+                outcomes[client_id] = Outcome(client_id, error=exc)
+                continue
+            if fut is None:
+                outcomes[client_id] = Outcome(client_id)
+            else:
+                futures[client_id] = (link.session_id, fut)
+        if futures:
+            try:
+                await asyncio.wait([f for _, f in futures.values()])
+            except asyncio.CancelledError:
+                for _sid, f in futures.values():
+                    f.cancel()
+                for sid, _f in futures.values():
+                    self.pending.abandon(sid, msg_id)
+                raise
+            for client_id, (_sid, fut) in futures.items():
+                exc = fut.exception()
+                if exc is None:
+                    outcomes[client_id] = Outcome(client_id, result=fut.result())
+                else:
+                    assert isinstance(exc, BackboneError)
+                    outcomes[client_id] = Outcome(client_id, error=exc)
+        return BroadcastReport(msg_id.hex(), wait_ack, outcomes)
+
+    # --- monitoring ------------------------------------------------------------------------------
+    def _info(self, conn: _ServerConnection) -> ClientInfo:
+        assert conn.link is not None
+        hb = conn.session.heartbeat
+        return ClientInfo(
+            client_id=conn.link.client_id,
+            session_id=conn.session_id,
+            remote_address=conn.peer_address(),
+            connected_at=conn.connected_at_wall,
+            last_heartbeat_at=self._wall(hb.last_heartbeat_at) if hb.count else None,
+            heartbeats=hb.count,
+            rtt=conn.smoothed_rtt(),
+            pending_acks=self.pending.count(conn.session_id),
+            outbound_buffered=conn.link.buffered(),
+            messages_sent=conn.link.messages_sent,
+            messages_received=conn.link.messages_received,
+        )
+
+    def clients(self) -> list[ClientInfo]:
+        return [self._info(c) for c in list(self._sessions.values()) if c.link is not None]
+
+    def client(self, client_id: str) -> ClientInfo | None:
+        conn = self._sessions.get(client_id)
+        return self._info(conn) if conn is not None and conn.link is not None else None
+
+    def client_ids(self) -> list[str]:
+        return list(self._sessions)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def evict(self, client_id: str, reason: str = "evicted") -> bool:
+        conn = self._sessions.get(client_id)
+        if conn is None:
+            return False
+        conn.shut(reason, ErrorCode.NO_ERROR, "evicted by the operator")
+        return True
+

@@ -1,0 +1,108 @@
+"""The signal bus: blinker signals, one per group of events, plus ``on_event`` for all.
+
+Receivers are called as ``receiver(sender, event=...)`` where ``sender`` is the
+:class:`~backbone.Server` or :class:`~backbone.Client` that emitted the event::
+
+    from backbone import signals
+
+    @signals.on_connected.connect
+    def hello(sender, event):
+        print(event.client_id, "connected")
+
+A receiver that raises is logged (with its traceback, rate-limited) and counted in
+:data:`receiver_failures`; the data path never sees the exception.  Receivers run
+synchronously on the event loop and must be cheap: slow work belongs on a queue of
+the receiver's own.  Blinker holds receivers weakly by default: connect closures,
+lambdas and bound methods of temporary objects with ``weak=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+from blinker import NamedSignal, Namespace
+
+from .events import Event
+
+log = logging.getLogger("backbone.signals")
+
+_ns = Namespace()
+
+on_event = _ns.signal("event", doc="every event, whatever its kind")
+on_server_started = _ns.signal("server.started")
+on_server_stopped = _ns.signal("server.stopped")
+on_connected = _ns.signal("connected")
+on_disconnected = _ns.signal("disconnected")
+on_timeout = _ns.signal("heartbeat.timed_out", doc="heartbeat eviction / dead server")
+on_state_changed = _ns.signal("state.changed")
+on_connect_failed = _ns.signal("connect.failed")
+on_reconnect_scheduled = _ns.signal("reconnect.scheduled")
+on_protocol_error = _ns.signal("protocol.violated")
+on_heartbeat = _ns.signal("heartbeat", doc="heartbeat.received and heartbeat.acknowledged")
+on_message_sent = _ns.signal("message.sent")
+on_message_received = _ns.signal("message.received")
+on_ack = _ns.signal("ack", doc="ack.sent, ack.received and ack.late")
+on_ack_timeout = _ns.signal("ack.timed_out")
+on_ack_failed = _ns.signal("ack.failed")
+on_send_rejected = _ns.signal("send.rejected")
+on_goaway = _ns.signal("goaway.received")
+
+ALL_SIGNALS: tuple[NamedSignal, ...] = (
+    on_event,
+    on_server_started,
+    on_server_stopped,
+    on_connected,
+    on_disconnected,
+    on_timeout,
+    on_state_changed,
+    on_connect_failed,
+    on_reconnect_scheduled,
+    on_protocol_error,
+    on_heartbeat,
+    on_message_sent,
+    on_message_received,
+    on_ack,
+    on_ack_timeout,
+    on_ack_failed,
+    on_send_rejected,
+    on_goaway,
+)
+
+#: failures per receiver name since start; a plugin's health figure
+receiver_failures: Counter[str] = Counter()
+_last_logged: dict[str, float] = {}
+_LOG_EVERY = 10.0
+
+
+def wants(signal: NamedSignal) -> bool:
+    """True if building an event for ``signal`` is worth it (someone listens)."""
+    return bool(signal.receivers) or bool(on_event.receivers)
+
+
+def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
+    if not signal.receivers:
+        return
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, event=event)
+        except Exception:
+            name = getattr(receiver, "__qualname__", repr(receiver))
+            receiver_failures[name] += 1
+            now = time.monotonic()
+            if now - _last_logged.get(name, -_LOG_EVERY) >= _LOG_EVERY:
+                _last_logged[name] = now
+                log.exception(
+                    "event receiver %s raised on %s (failure #%d); the data path is unaffected",
+                    name,
+                    event.kind,
+                    receiver_failures[name],
+                )
+
+
+def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
+    """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated."""
+    _deliver(signal, sender, event)
+    _deliver(on_event, sender, event)
