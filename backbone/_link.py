@@ -202,9 +202,10 @@ class Link:
         buffered = self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
         if buffered and buffered + size > limit:
             if self.config.slow_consumer_policy == "disconnect":
-                self.endpoint.close_with(
+                self.endpoint.shut(
+                    "slow_consumer",
                     ErrorCode.SLOW_CONSUMER,
-                    f"slow consumer: {buffered} bytes unacknowledged (limit {limit})",
+                    f"{buffered} bytes unacknowledged (limit {limit})",
                 )
             raise Backpressure(self.client_id, buffered, limit)
 

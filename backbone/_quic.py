@@ -99,6 +99,7 @@ class QuicEndpoint(QuicConnectionProtocol):
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed_by_peer = False
+        self.reason: str | None = None  # our reason, when we closed it
         #: resolved when the handshake completes, failed if the connection ends first
         self.ready: asyncio.Future[None] = self._loop.create_future()
 
@@ -152,6 +153,13 @@ class QuicEndpoint(QuicConnectionProtocol):
         self.terminated(error_code, reason, by_peer)
 
     # --- sending ----------------------------------------------------------------------
+    def transmit(self) -> None:
+        # a crashed or closed socket: nothing can be sent any more
+        transport = self._transport
+        if transport is not None and transport.is_closing():
+            return
+        super().transmit()
+
     def write(self, stream_id: int, data: bytes) -> None:
         """Queue stream data; it goes out on the next transmit (coalesced per loop pass)."""
         self._quic.send_stream_data(stream_id, data)
@@ -161,6 +169,12 @@ class QuicEndpoint(QuicConnectionProtocol):
         """Queue stream data and transmit at once (the caller already coalesced)."""
         self._quic.send_stream_data(stream_id, data)
         self.transmit()
+
+    def shut(self, reason: str, code: int, detail: str = "") -> None:
+        """Close from our side, remembering ``reason`` for the Disconnected event."""
+        if self.reason is None:
+            self.reason = reason
+        self.close_with(int(code), f"{reason}: {detail}" if detail else reason)
 
     def close_with(self, error_code: int, reason: str) -> None:
         """Close the connection now (CONNECTION_CLOSE with an application code)."""

@@ -72,7 +72,6 @@ class _ClientConnection(QuicEndpoint):
         self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()
         self.lost: asyncio.Future[str] = self._loop.create_future()
         self.goaway: GoAway | None = None
-        self.reason: str | None = None
         self._hb_timer: asyncio.TimerHandle | None = None
 
     def handshake_done(self) -> None:
@@ -179,9 +178,6 @@ class _ClientConnection(QuicEndpoint):
                 )
             self.shut(pv.code.reason_name, pv.code, pv.reason)
 
-    def shut(self, reason: str, code: int, detail: str) -> None:
-        self.reason = reason
-        self.close_with(int(code), f"{reason}: {detail}" if detail else reason)
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self._hb_timer is not None:

@@ -71,13 +71,17 @@ class _ServerConnection(QuicEndpoint):
         self.link: Link | None = None
         self.session_id = ""
         self.connected_at_wall = 0.0
-        self.reason: str | None = None  # why we closed it, when we did
         self._hb_timer: asyncio.TimerHandle | None = None
         self._arm(self.session.get_timer())
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
         self._hb_timer = self._loop.call_at(when, self._on_timer)
+
+    def rearm(self) -> None:
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()
+        self._arm(self.session.get_timer())
 
     def _on_timer(self) -> None:
         self._hb_timer = None
@@ -160,10 +164,6 @@ class _ServerConnection(QuicEndpoint):
         self.shut(pv.code.reason_name, pv.code, pv.reason)
 
     # --- teardown ----------------------------------------------------------------------------
-    def shut(self, reason: str, code: int, detail: str) -> None:
-        """Close this connection from our side with an application close code."""
-        self.reason = reason
-        self.close_with(int(code), f"{reason}: {detail}" if detail else reason)
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self._hb_timer is not None:
@@ -318,6 +318,7 @@ class Server(PendingOwner):
         conn.session_id = session_id
         conn.connected_at_wall = self._wall(now)
         conn.session.accept(hello, session_id, {"server_id": self._server_id}, now)
+        conn.rearm()
         for sid, out in conn.session.data_to_send():
             conn._quic.send_stream_data(sid, out)
         conn.link = Link(

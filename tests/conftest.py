@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backbone import Client, Server, signals
+from backbone.certs import DevCerts, make_dev_certs
+from backbone.events import Event
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> DevCerts:
+    return make_dev_certs(tmp_path_factory.mktemp("certs"), client_ids=("dev-1",))
+
+
+FAST = dict(heartbeat_interval=0.2, heartbeat_misses=3)
+
+
+class Events:
+    """Records every event and lets a test wait for one (never a bare sleep)."""
+
+    def __init__(self) -> None:
+        self.items: list[Event] = []
+        self._waiters: list[tuple[Callable[[Event], bool], asyncio.Future[Event]]] = []
+
+    def __call__(self, sender: Any, event: Event) -> None:
+        self.items.append(event)
+        for pred, fut in list(self._waiters):
+            if not fut.done() and pred(event):
+                fut.set_result(event)
+
+    def of(self, kind: str, **match: Any) -> list[Event]:
+        return [
+            e for e in self.items
+            if e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
+        ]
+
+    async def wait(self, kind: str, timeout: float = 10.0, **match: Any) -> Event:
+        def pred(e: Event) -> bool:
+            return e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
+
+        for e in self.items:
+            if pred(e):
+                return e
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waiters.append((pred, fut))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._waiters.remove((pred, fut))
+
+    async def wait_new(self, kind: str, timeout: float = 10.0, **match: Any) -> Event:
+        """Like wait, but only for an event that has not happened yet."""
+        def pred(e: Event) -> bool:
+            return e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
+
+        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+        self._waiters.append((pred, fut))
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._waiters.remove((pred, fut))
+
+
+@pytest.fixture
+def events() -> Any:
+    rec = Events()
+    signals.on_event.connect(rec, weak=False)
+    yield rec
+    signals.on_event.disconnect(rec)
+
+
+@pytest.fixture
+def make_server(certs: DevCerts) -> Callable[..., Any]:
+    @contextlib.asynccontextmanager
+    async def factory(**kw: Any) -> AsyncIterator[Server]:
+        opts: dict[str, Any] = dict(FAST)
+        opts.update(kw)
+        server = Server("127.0.0.1", 0, certfile=str(certs.server_cert),
+                        keyfile=str(certs.server_key), **opts)
+        async with server:
+            yield server
+
+    return factory
+
+
+@pytest.fixture
+def make_client(certs: DevCerts) -> Callable[..., Client]:
+    def factory(client_id: str, port: int, **kw: Any) -> Client:
+        opts: dict[str, Any] = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
+                                    connect_timeout=2.0, server_name="localhost")
+        opts.update(kw)
+        opts.setdefault("cafile", str(certs.ca_cert))
+        return Client(client_id, "127.0.0.1", port, **opts)
+
+    return factory
+
+
+def cert_path(p: Path) -> str:
+    return str(p)

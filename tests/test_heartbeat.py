@@ -1,0 +1,59 @@
+import pytest
+
+from backbone.heartbeat import HeartbeatMonitor, HeartbeatScheduler
+
+
+def test_server_evicts_after_exactly_45_seconds_by_default():
+    m = HeartbeatMonitor(interval=15.0, misses=3, last_heartbeat_at=1000.0)
+    assert m.timeout == 45.0
+    assert not m.is_expired(1044.999)
+    assert m.is_expired(1045.0)
+    assert m.missed(1044.999) == 2
+    assert m.missed(1045.0) == 3
+
+
+def test_each_ping_pushes_the_deadline():
+    m = HeartbeatMonitor(interval=15.0, misses=3, last_heartbeat_at=0.0)
+    for t in (15.0, 30.0, 44.0):
+        m.record(t)
+    assert m.deadline() == 89.0
+    assert not m.is_expired(88.9)
+    assert m.count == 3
+
+
+def test_client_pings_every_interval_and_measures_rtt():
+    s = HeartbeatScheduler(interval=15.0, misses=3, started_at=0.0)
+    assert not s.ping_due(14.9)
+    assert s.ping_due(15.0)
+    n = s.ping_sent(15.0)
+    assert s.next_ping_at == 30.0
+    assert s.pong_received(n, 15.002) == pytest.approx(0.002)
+    assert s.pong_received(n, 15.003) is None  # a nonce is answered once
+
+
+def test_client_declares_server_dead_after_interval_times_misses_without_pong():
+    s = HeartbeatScheduler(interval=15.0, misses=3, started_at=0.0)
+    t = 0.0
+    while t < 44.0:
+        t += 15.0
+        if s.ping_due(t):
+            s.ping_sent(t)
+    assert not s.server_dead(44.999)
+    assert s.server_dead(45.0)
+
+
+def test_a_late_pong_for_an_older_ping_still_counts_and_clears_older_ones():
+    s = HeartbeatScheduler(interval=1.0, misses=3, started_at=0.0)
+    a = s.ping_sent(1.0)
+    b = s.ping_sent(2.0)
+    assert s.pong_received(b, 2.5) == 0.5
+    assert s.pong_received(a, 2.6) is None
+    assert s.silent_since() == 2.5
+    assert s.deadline() == min(3.0, 5.5)
+
+
+def test_outstanding_pings_are_bounded():
+    s = HeartbeatScheduler(interval=1.0, misses=3, started_at=0.0)
+    for i in range(100):
+        s.ping_sent(float(i))
+    assert len(s._sent) <= 4
