@@ -114,7 +114,9 @@ class PendingOwner:
             self._arm_pending_timer(nxt)
 
     def _fail_entries(
-        self, entries: list[PendingEntry[Waiter]], make_error: Callable[[str, str], BackboneError],
+        self,
+        entries: list[PendingEntry[Waiter]],
+        make_error: Callable[[str, str], BackboneError],
         reason: str,
     ) -> None:
         now = self._loop.time()
@@ -147,7 +149,9 @@ class PendingOwner:
 
 
 class LinkOwner(Protocol):
-    role: Role
+    @property
+    def role(self) -> Role: ...
+
     pending: PendingTable[Waiter]
     _handler: Handler | None
 
@@ -331,7 +335,9 @@ class Link:
         if df.flags & FLAG_ERROR:
             info = decode_payload(0, df.body)
             if not isinstance(info, dict):
-                raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "error RESULT body is not an object")
+                raise ProtocolViolation(
+                    ErrorCode.PROTOCOL_ERROR, "error RESULT body is not an object"
+                )
             error_type = str(info.get("type", "Error"))
             if not fut.done():
                 fut.set_exception(
@@ -412,9 +418,7 @@ class Link:
                     )
         if error is not None:
             flags, body = FLAG_ERROR, _error_body(*error)
-        frame = encode_data_frame(
-            FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body
-        )
+        frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body)
         # a result is never refused for backpressure: the peer is waiting for it
         self._queue(frame)
         if signals.wants(signals.on_ack):
@@ -452,4 +456,3 @@ class Link:
 
 async def _as_awaitable(value: Awaitable[Any]) -> Any:
     return await value
-

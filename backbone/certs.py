@@ -43,8 +43,10 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
 
 def _name(cn: str) -> x509.Name:
     return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "backbone dev"),
-         x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "backbone dev"),
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+        ]
     )
 
 
@@ -82,9 +84,15 @@ def issue(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -105,9 +113,9 @@ def issue(
     return builder.sign(ca_key, hashes.SHA256()), key
 
 
-def make_ca(common_name: str = "backbone dev CA", days: int = 3650) -> tuple[
-    x509.Certificate, ec.EllipticCurvePrivateKey
-]:
+def make_ca(
+    common_name: str = "backbone dev CA", days: int = 3650
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     cert = (
@@ -121,9 +129,15 @@ def make_ca(common_name: str = "backbone dev CA", days: int = 3650) -> tuple[
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                crl_sign=True, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )
@@ -167,5 +181,6 @@ def make_dev_certs(
         write_pem(c_cert, cp)
         _write_key(c_key, kp)
         clients[cid] = (cp, kp)
-    return DevCerts(d, paths["ca.pem"], paths["ca.key"], paths["server.pem"],
-                    paths["server.key"], clients)
+    return DevCerts(
+        d, paths["ca.pem"], paths["ca.key"], paths["server.pem"], paths["server.key"], clients
+    )

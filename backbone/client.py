@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Iterable
@@ -95,8 +96,9 @@ class _ClientConnection(QuicEndpoint):
         verdict = self.session.handle_timer(now)
         if verdict is not None:
             hb = self.session.heartbeat
-            log.warning("server %s stopped answering heartbeats: %s", self.peer_address(),
-                        verdict.reason)
+            log.warning(
+                "server %s stopped answering heartbeats: %s", self.peer_address(), verdict.reason
+            )
             if signals.wants(signals.on_timeout):
                 signals.emit(
                     signals.on_timeout,
@@ -178,7 +180,6 @@ class _ClientConnection(QuicEndpoint):
                 )
             self.shut(pv.code.reason_name, pv.code, pv.reason)
 
-
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self._hb_timer is not None:
             self._hb_timer.cancel()
@@ -232,8 +233,12 @@ class Client(PendingOwner):
         **settings: Any,
     ) -> None:
         base = config.model_dump() if config is not None else {}
-        for key, value in (("client_id", client_id), ("host", host), ("port", port),
-                           ("cafile", cafile)):
+        for key, value in (
+            ("client_id", client_id),
+            ("host", host),
+            ("port", port),
+            ("cafile", cafile),
+        ):
             if value is not None:
                 base[key] = value
         base.update(settings)
@@ -328,10 +333,8 @@ class Client(PendingOwner):
         if conn is not None and not conn.terminated_reported:
             conn.shut("closed", ErrorCode.NO_ERROR, "client closing")
         self._task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        except asyncio.CancelledError:
-            pass
         for plugin in reversed(self.plugins):
             plugin.uninstall(self)
 
@@ -404,8 +407,9 @@ class Client(PendingOwner):
                     conn = await self._connect_once()
                 except ConnectError as exc:
                     attempt += 1
-                    log.info("client %r: connect failed (%s): %s", self.client_id, exc.reason,
-                             exc.detail)
+                    log.info(
+                        "client %r: connect failed (%s): %s", self.client_id, exc.reason, exc.detail
+                    )
                     if signals.wants(signals.on_connect_failed):
                         signals.emit(
                             signals.on_connect_failed,
@@ -449,13 +453,13 @@ class Client(PendingOwner):
         except asyncio.CancelledError:
             pass
         finally:
-            conn = self._conn
-            if conn is not None:
-                if not conn.terminated_reported:
-                    conn.shut("closed", ErrorCode.NO_ERROR, "client closing")
-                if conn.link is not None and not conn.link.closed:
-                    self._connection_ended(conn, "closed", self._loop.time() - conn.link.opened_at)
-                close_transport(conn)
+            last = self._conn
+            if last is not None:
+                if not last.terminated_reported:
+                    last.shut("closed", ErrorCode.NO_ERROR, "client closing")
+                if last.link is not None and not last.link.closed:
+                    self._connection_ended(last, "closed", self._loop.time() - last.link.opened_at)
+                close_transport(last)
             self._fail_entries(
                 self.pending.drop_all(),
                 lambda msg_id, peer: ServerGone(msg_id, "server", "client closed"),

@@ -155,9 +155,7 @@ def parse_data_frame(ftype: int, body: bytes) -> DataFrame:
             headers = orjson.loads(body[MSG_HEAD_SIZE:end])
         except orjson.JSONDecodeError:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "headers are not valid JSON")
-        if not isinstance(headers, dict) or not all(
-            isinstance(v, str) for v in headers.values()
-        ):
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
             raise ProtocolViolation(
                 ErrorCode.PROTOCOL_ERROR, "headers must be a JSON object of strings"
             )

@@ -58,9 +58,7 @@ class BroadcastReport:
         """Clients the message was written to (a WaitAck broadcast: also those whose
         result then failed)."""
         return [
-            cid
-            for cid, o in self.outcomes.items()
-            if o.ok or not isinstance(o.error, _NOT_SENT)
+            cid for cid, o in self.outcomes.items() if o.ok or not isinstance(o.error, _NOT_SENT)
         ]
 
     @property
@@ -91,4 +89,3 @@ class ClientInfo(BaseModel):
     outbound_buffered: int
     messages_sent: int
     messages_received: int
-

@@ -55,7 +55,9 @@ class PendingTable(Generic[T]):
         if self.count(peer) >= self.max_per_peer:
             raise TooManyPending(f"per-peer for {peer!r}", self.max_per_peer)
 
-    def add(self, peer: str, msg_id: bytes, timeout: float, now: float, token: T) -> PendingEntry[T]:
+    def add(
+        self, peer: str, msg_id: bytes, timeout: float, now: float, token: T
+    ) -> PendingEntry[T]:
         self.check_capacity(peer)
         entries = self._by_peer.setdefault(peer, {})
         if msg_id in entries:

@@ -198,8 +198,12 @@ class Server(PendingOwner):
         **settings: Any,
     ) -> None:
         base = config.model_dump() if config is not None else {}
-        for key, value in (("host", host), ("port", port), ("certfile", certfile),
-                           ("keyfile", keyfile)):
+        for key, value in (
+            ("host", host),
+            ("port", port),
+            ("certfile", certfile),
+            ("keyfile", keyfile),
+        ):
             if value is not None:
                 base[key] = value
         base.update(settings)
@@ -277,9 +281,9 @@ class Server(PendingOwner):
             lambda msg_id, cid: ClientGone(msg_id, cid, "server closing"),
             "server_closing",
         )
-        for conn in server_connections(self._quic_server):
-            if isinstance(conn, _ServerConnection) and not conn.terminated_reported:
-                conn.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
+        for proto in server_connections(self._quic_server):
+            if isinstance(proto, _ServerConnection) and not proto.terminated_reported:
+                proto.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
         self._quic_server.close()
         self._quic_server = None
         if self._pending_timer is not None:
@@ -468,12 +472,12 @@ class Server(PendingOwner):
                     self.pending.abandon(sid, msg_id)
                 raise
             for client_id, (_sid, fut) in futures.items():
-                exc = fut.exception()
-                if exc is None:
+                failure = fut.exception()
+                if failure is None:
                     outcomes[client_id] = Outcome(client_id, result=fut.result())
                 else:
-                    assert isinstance(exc, BackboneError)
-                    outcomes[client_id] = Outcome(client_id, error=exc)
+                    assert isinstance(failure, BackboneError)
+                    outcomes[client_id] = Outcome(client_id, error=failure)
         return BroadcastReport(msg_id.hex(), wait_ack, outcomes)
 
     # --- monitoring ------------------------------------------------------------------------------
@@ -513,4 +517,3 @@ class Server(PendingOwner):
             return False
         conn.shut(reason, ErrorCode.NO_ERROR, "evicted by the operator")
         return True
-

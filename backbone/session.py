@@ -135,8 +135,10 @@ class ServerSession(_Streams):
             return []
         out: list[Incoming] = []
         for ftype, body in frames:
-            if ftype == _MESSAGE or ftype == _RESULT:
-                if self.state != "open":
+            if ftype in (_MESSAGE, _RESULT):
+                # frames after a HELLO in the same read are fine: the caller accepts the
+                # HELLO before it handles the frames that follow it
+                if self.state == "awaiting_hello":
                     raise ProtocolViolation(
                         ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} before HELLO"
                     )
@@ -259,7 +261,7 @@ class ClientSession(_Streams):
                     out.append(PongReceived(rtt))
             return out
         for ftype, body in frames:
-            if ftype == _MESSAGE or ftype == _RESULT:
+            if ftype in (_MESSAGE, _RESULT):
                 if self.state != "open":
                     raise ProtocolViolation(
                         ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} before WELCOME"

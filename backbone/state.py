@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class ClientState(str, Enum):
+class ClientState(StrEnum):
     IDLE = "idle"
     CONNECTING = "connecting"
     CONNECTED = "connected"

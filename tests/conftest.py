@@ -36,7 +36,8 @@ class Events:
 
     def of(self, kind: str, **match: Any) -> list[Event]:
         return [
-            e for e in self.items
+            e
+            for e in self.items
             if e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
         ]
 
@@ -57,6 +58,7 @@ class Events:
 
     async def wait_new(self, kind: str, timeout: float = 10.0, **match: Any) -> Event:
         """Like wait, but only for an event that has not happened yet."""
+
         def pred(e: Event) -> bool:
             return e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
 
@@ -83,8 +85,9 @@ def make_server(certs: DevCerts) -> Callable[..., Any]:
     async def factory(**kw: Any) -> AsyncIterator[Server]:
         opts: dict[str, Any] = dict(FAST)
         opts.update(kw)
-        server = Server("127.0.0.1", 0, certfile=str(certs.server_cert),
-                        keyfile=str(certs.server_key), **opts)
+        server = Server(
+            "127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key), **opts
+        )
         async with server:
             yield server
 
@@ -94,8 +97,13 @@ def make_server(certs: DevCerts) -> Callable[..., Any]:
 @pytest.fixture
 def make_client(certs: DevCerts) -> Callable[..., Client]:
     def factory(client_id: str, port: int, **kw: Any) -> Client:
-        opts: dict[str, Any] = dict(FAST, backoff_initial=0.05, backoff_max=0.5,
-                                    connect_timeout=2.0, server_name="localhost")
+        opts: dict[str, Any] = dict(
+            FAST,
+            backoff_initial=0.05,
+            backoff_max=0.5,
+            connect_timeout=2.0,
+            server_name="localhost",
+        )
         opts.update(kw)
         opts.setdefault("cafile", str(certs.ca_cert))
         return Client(client_id, "127.0.0.1", port, **opts)

@@ -95,7 +95,9 @@ async def test_waitack_results_errors_and_bytes(make_server, make_client):
 
         async with running(client):
             assert await server.send_to("dev-1", {"op": "x"}, wait_ack=True) == {
-                "ok": True, "echo": {"op": "x"}}
+                "ok": True,
+                "echo": {"op": "x"},
+            }
             assert await server.send_to("dev-1", b"\x00\x01\x02", wait_ack=True) == b"\x02\x01\x00"
             with pytest.raises(RemoteError) as e:
                 await server.send_to("dev-1", {"op": "fail"}, wait_ack=True)
@@ -107,6 +109,7 @@ async def test_waitack_results_errors_and_bytes(make_server, make_client):
 
 async def test_client_to_server_waitack(make_server, make_client):
     async with make_server() as server:
+
         @server.handler
         def on_client_message(msg: Message) -> Any:  # a sync handler
             return {"from": msg.client_id, "temp": msg.payload["temp"]}
@@ -270,7 +273,7 @@ async def test_receiver_that_raises_never_breaks_the_data_path(make_server, make
             async with running(client):
                 for i in range(10):
                     assert await server.send_to("dev-1", i, wait_ack=True) == i
-        assert signals.receiver_failures["test_receiver_that_raises_never_breaks_the_data_path.<locals>.broken"] >= 10
+        assert signals.receiver_failures[broken.__qualname__] >= 10
     finally:
         signals.on_message_sent.disconnect(broken)
         signals.on_ack.disconnect(broken)
@@ -342,7 +345,12 @@ async def test_server_stop_fails_pending_and_clients_reconnect_to_new_server(
             await events.wait("goaway.received")
             await events.wait("disconnected", role="client")
             block.set()
-            async with Server("127.0.0.1", port, certfile=str(certs.server_cert),
-                              keyfile=str(certs.server_key), heartbeat_interval=0.2) as again:
+            async with Server(
+                "127.0.0.1",
+                port,
+                certfile=str(certs.server_cert),
+                keyfile=str(certs.server_key),
+                heartbeat_interval=0.2,
+            ) as again:
                 await client.wait_connected(10)
                 assert await again.send_to("dev-1", "hi", wait_ack=True) == "ok"

@@ -1,3 +1,4 @@
+import itertools
 import struct
 
 import pytest
@@ -23,8 +24,9 @@ MID = bytes(range(16))
 
 def test_message_frame_round_trip_with_headers():
     flags, body = encode_payload({"op": "reboot", "n": 3})
-    frame = encode_data_frame(FrameType.MESSAGE, flags | FLAG_WAIT_ACK, MID, body,
-                              {"traceparent": "00-abc"})
+    frame = encode_data_frame(
+        FrameType.MESSAGE, flags | FLAG_WAIT_ACK, MID, body, {"traceparent": "00-abc"}
+    )
     (length,) = struct.unpack("!I", frame[:4])
     assert length == len(frame) - 4
     frames = FrameDecoder(1 << 20).feed(frame)
@@ -98,7 +100,7 @@ def test_decoder_never_raises_anything_but_protocol_violation(data, cuts):
     d = FrameDecoder(512)
     points = sorted(set([0, len(data), *[c for c in cuts if c <= len(data)]]))
     try:
-        for a, b in zip(points, points[1:], strict=False):
+        for a, b in itertools.pairwise(points):
             for ftype, body in d.feed(data[a:b]):
                 if ftype in (FrameType.MESSAGE, FrameType.RESULT):
                     df = parse_data_frame(ftype, body)

@@ -27,15 +27,17 @@ MID = b"\x01" * 16
 
 
 def server(now=0.0, **kw):
-    args = dict(max_payload=1024, heartbeat_interval=15.0, heartbeat_misses=3,
-                hello_timeout=10.0, now=now)
+    args = dict(
+        max_payload=1024, heartbeat_interval=15.0, heartbeat_misses=3, hello_timeout=10.0, now=now
+    )
     args.update(kw)
     return ServerSession(**args)
 
 
 def client(now=0.0, cid="dev-7"):
-    return ClientSession(client_id=cid, max_payload=2048, heartbeat_interval=15.0,
-                         heartbeat_misses=3, now=now)
+    return ClientSession(
+        client_id=cid, max_payload=2048, heartbeat_interval=15.0, heartbeat_misses=3, now=now
+    )
 
 
 def pump(src, dst, now):
@@ -80,7 +82,7 @@ def test_default_heartbeat_timing_15s_ping_45s_eviction():
 
 
 def test_client_declares_server_dead_when_pongs_stop():
-    c, s = open_pair(now=0.0)
+    c, _s = open_pair(now=0.0)
     t = 0.0
     while True:
         verdict = c.handle_timer(t)
@@ -110,14 +112,26 @@ def frame_bytes(ftype, **fields):
         (MSG_STREAM, b"\xff" * 64, ErrorCode.FRAME_TOO_LARGE),  # garbage read as a length
         (MSG_STREAM, struct.pack("!IB", 2**32 - 1, FrameType.MESSAGE), ErrorCode.FRAME_TOO_LARGE),
         (MSG_STREAM, encode_data_frame(FrameType.MESSAGE, 0, MID, b"1"), ErrorCode.PROTOCOL_ERROR),
-        (MSG_STREAM, frame_bytes(FrameType.HELLO, version=1, client_id=""),
-         ErrorCode.INVALID_CLIENT_ID),
-        (MSG_STREAM, frame_bytes(FrameType.HELLO, version=1, client_id="a\x00b"),
-         ErrorCode.INVALID_CLIENT_ID),
-        (MSG_STREAM, frame_bytes(FrameType.HELLO, version=1, client_id="x" * 257),
-         ErrorCode.INVALID_CLIENT_ID),
-        (MSG_STREAM, frame_bytes(FrameType.HELLO, version=99, client_id="ok"),
-         ErrorCode.UNSUPPORTED_VERSION),
+        (
+            MSG_STREAM,
+            frame_bytes(FrameType.HELLO, version=1, client_id=""),
+            ErrorCode.INVALID_CLIENT_ID,
+        ),
+        (
+            MSG_STREAM,
+            frame_bytes(FrameType.HELLO, version=1, client_id="a\x00b"),
+            ErrorCode.INVALID_CLIENT_ID,
+        ),
+        (
+            MSG_STREAM,
+            frame_bytes(FrameType.HELLO, version=1, client_id="x" * 257),
+            ErrorCode.INVALID_CLIENT_ID,
+        ),
+        (
+            MSG_STREAM,
+            frame_bytes(FrameType.HELLO, version=99, client_id="ok"),
+            ErrorCode.UNSUPPORTED_VERSION,
+        ),
         (MSG_STREAM, frame_bytes(FrameType.WELCOME, version=1), ErrorCode.PROTOCOL_ERROR),
         (HEARTBEAT_STREAM, encode_ping(1), ErrorCode.PROTOCOL_ERROR),  # ping before hello
         (8, encode_ping(1), ErrorCode.PROTOCOL_ERROR),  # unexpected stream
@@ -131,20 +145,21 @@ def test_bad_input_before_or_in_the_hello(stream, data, code):
 
 
 def test_second_hello_is_refused():
-    c, s = open_pair()
+    _c, s = open_pair()
     with pytest.raises(ProtocolViolation, match="second HELLO"):
-        s.receive_stream_data(MSG_STREAM, frame_bytes(FrameType.HELLO, version=1,
-                                                      client_id="dev-7"), False, 1.0)
+        s.receive_stream_data(
+            MSG_STREAM, frame_bytes(FrameType.HELLO, version=1, client_id="dev-7"), False, 1.0
+        )
 
 
 def test_ending_a_stream_is_a_protocol_error():
-    c, s = open_pair()
+    _c, s = open_pair()
     with pytest.raises(ProtocolViolation, match="must stay open"):
         s.receive_stream_data(MSG_STREAM, b"", True, 1.0)
 
 
 def test_messages_flow_after_open_and_frame_limit_follows_max_payload():
-    c, s = open_pair()
+    _c, s = open_pair()
     flags, body = encode_payload({"op": 1})
     frame = encode_data_frame(FrameType.MESSAGE, flags, MID, body)
     (df,) = s.receive_stream_data(MSG_STREAM, frame, False, 1.0)
@@ -156,6 +171,6 @@ def test_messages_flow_after_open_and_frame_limit_follows_max_payload():
 
 
 def test_heartbeat_stream_carries_only_pings():
-    c, s = open_pair()
+    _c, s = open_pair()
     with pytest.raises(ProtocolViolation, match="heartbeat stream"):
         s.receive_stream_data(HEARTBEAT_STREAM, frame_bytes(FrameType.HELLO), False, 1.0)

@@ -1,0 +1,119 @@
+"""A raw QUIC peer that speaks the protocol badly: each mistake gets its documented close
+code and a ``protocol.violated`` event, while a well-behaved client keeps working."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any
+
+import pytest
+
+from backbone._quic import QuicEndpoint, client_configuration, open_connection
+from backbone.errors import ErrorCode
+from backbone.frames import (
+    FrameType,
+    encode_data_frame,
+    encode_json_frame,
+    encode_ping,
+)
+
+from .test_e2e import running
+
+
+class RawPeer(QuicEndpoint):
+    def __init__(self, quic: Any, **kw: Any) -> None:
+        super().__init__(quic)
+        self.received: list[tuple[int, bytes]] = []
+        self.closed_code: asyncio.Future[tuple[int, str]] = self._loop.create_future()
+
+    def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+        self.received.append((stream_id, data))
+
+    def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        if not self.closed_code.done():
+            self.closed_code.set_result((error_code, reason))
+
+
+def hello(client_id: Any = "raw", version: int = 1) -> bytes:
+    return encode_json_frame(FrameType.HELLO, {"version": version, "client_id": client_id})
+
+
+MID = b"\x07" * 16
+
+CASES: list[tuple[str, list[tuple[int, bytes]], ErrorCode]] = [
+    ("garbage", [(0, b"\x00\x00\x00\x09garbage!!")], ErrorCode.PROTOCOL_ERROR),
+    (
+        "length 4 GiB",
+        [(0, struct.pack("!IB", 2**32 - 1, FrameType.MESSAGE))],
+        ErrorCode.FRAME_TOO_LARGE,
+    ),
+    (
+        "message before hello",
+        [(0, encode_data_frame(FrameType.MESSAGE, 0, MID, b"1"))],
+        ErrorCode.PROTOCOL_ERROR,
+    ),
+    ("two hellos", [(0, hello() + hello())], ErrorCode.PROTOCOL_ERROR),
+    ("empty client id", [(0, hello(""))], ErrorCode.INVALID_CLIENT_ID),
+    ("control character", [(0, hello("ab\ncd"))], ErrorCode.INVALID_CLIENT_ID),
+    ("id over 256 bytes", [(0, hello("é" * 129))], ErrorCode.INVALID_CLIENT_ID),
+    ("id not a string", [(0, hello(42))], ErrorCode.INVALID_CLIENT_ID),
+    ("unknown version", [(0, hello(version=7))], ErrorCode.UNSUPPORTED_VERSION),
+    (
+        "ack for unknown msg id",
+        [(0, hello()), (0, encode_data_frame(FrameType.RESULT, 0, MID, b"1"))],
+        ErrorCode.UNKNOWN_MESSAGE_ID,
+    ),
+    (
+        "frame over max_payload",
+        [(0, hello()), (0, encode_data_frame(FrameType.MESSAGE, 0x02, MID, b"x" * 20_000))],
+        ErrorCode.FRAME_TOO_LARGE,
+    ),
+    ("unknown stream", [(0, hello()), (8, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
+    ("ping before hello", [(4, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
+    (
+        "not json payload",
+        [(0, hello()), (0, encode_data_frame(FrameType.MESSAGE, 0, MID, b"{oops"))],
+        ErrorCode.PROTOCOL_ERROR,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "sends", "code"), CASES, ids=[c[0] for c in CASES])
+async def test_bad_peer_is_closed_with_its_code(
+    name, sends, code, make_server, make_client, events, certs
+):
+    async with make_server(max_payload=10_000) as server:
+        good = make_client("good", server.port)
+        good.handler(lambda m: m.payload)
+        async with running(good):
+            conf = client_configuration(
+                server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
+            )
+            peer = await open_connection("127.0.0.1", server.port, conf, RawPeer)
+            assert isinstance(peer, RawPeer)
+            try:
+                for stream_id, data in sends:
+                    peer.write(stream_id, data)
+                got_code, reason = await asyncio.wait_for(peer.closed_code, 5)
+                assert got_code == code, reason
+                ev = await events.wait("protocol.violated", role="server")
+                assert ev.code == code and ev.reason
+                # the well-behaved client never noticed
+                for i in range(5):
+                    assert await server.send_to("good", i, wait_ack=True, timeout=2) == i
+                assert not events.of("disconnected", client_id="good")
+            finally:
+                peer.close_with(0, "done")
+
+
+async def test_hello_timeout_closes_a_silent_connection(make_server, certs, events):
+    async with make_server(hello_timeout=0.2) as server:
+        conf = client_configuration(
+            server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
+        )
+        peer = await open_connection("127.0.0.1", server.port, conf, RawPeer)
+        assert isinstance(peer, RawPeer)
+        got_code, _ = await asyncio.wait_for(peer.closed_code, 5)
+        assert got_code == ErrorCode.HELLO_TIMEOUT
+        peer.close_with(0, "done")
