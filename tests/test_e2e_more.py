@@ -1,0 +1,97 @@
+"""More end-to-end guarantees: heartbeat independence, ordering client → server, backoff
+reset, events built only when someone listens, MsgIDs unique across restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+import pytest
+
+from backbone import Message, signals
+from backbone.ids import MsgIdGenerator
+
+from .test_e2e import running
+
+
+async def test_heartbeats_survive_big_messages_and_a_busy_handler(
+    make_server, make_client, events
+):
+    # 0.1 s heartbeats, evict after 0.3 s: a heartbeat queued behind a 1 MiB message or a
+    # handler blocking its thread would be noticed at once
+    async with make_server(heartbeat_interval=0.1, heartbeat_misses=3,
+                           max_payload=1024 * 1024) as server:
+        client = make_client("busy", server.port, heartbeat_interval=0.1, heartbeat_misses=3,
+                             max_payload=1024 * 1024)
+        stop = threading.Event()
+
+        @client.handler
+        def handle(msg: Message) -> int:  # sync: runs in a worker thread
+            stop.wait(1.5)  # busy for 1.5 s
+            return len(msg.payload)
+
+        async with running(client):
+            big = b"x" * (1024 * 1024 - 100)
+            results = await asyncio.gather(
+                *(server.send_to("busy", big, wait_ack=True, timeout=20) for _ in range(3))
+            )
+            assert results == [len(big)] * 3
+            stop.set()
+            beats = events.of("heartbeat.received", client_id="busy")
+            assert len(beats) >= 20
+        assert not events.of("heartbeat.timed_out")
+        assert not [e for e in events.of("disconnected") if e.reason != "closed_by_client"
+                    and e.reason != "closed"]
+
+
+async def test_client_to_server_order_is_kept(make_server, make_client):
+    async with make_server() as server:
+        seen: list[int] = []
+
+        @server.handler
+        async def on_msg(msg: Message) -> None:
+            seen.append(msg.payload)
+
+        client = make_client("dev-1", server.port)
+        async with running(client):
+            for i in range(500):
+                await client.send(i)
+            assert await client.send(-1, wait_ack=True) is None
+        assert seen == [*range(500), -1]
+
+
+async def test_backoff_resets_after_a_stable_connection(make_server, make_client, events):
+    async with make_server() as server:
+        client = make_client("dev-1", server.port, backoff_reset_after=0.0,
+                             backoff_initial=0.05, backoff_jitter=0.0)
+        async with running(client):
+            client.backoff.attempt = 5  # as if it had failed five times before
+            assert server.evict("dev-1")
+            ev = await events.wait("reconnect.scheduled")
+            assert ev.delay == pytest.approx(0.05)
+            await events.wait("connected", role="client", timeout=5)
+
+
+async def test_events_are_not_built_when_nobody_listens(make_server, make_client, monkeypatch):
+    import backbone._link as link_mod
+
+    def explode(**kw: Any) -> None:
+        raise AssertionError("an event was built with no listener")
+
+    for name in ("MessageSent", "MessageReceived", "AckSent", "AckReceived"):
+        monkeypatch.setattr(link_mod, name, explode)
+    assert not signals.on_event.receivers
+    async with make_server() as server:
+        client = make_client("dev-1", server.port)
+        client.handler(lambda m: m.payload)
+        async with running(client):
+            assert await server.send_to("dev-1", 7, wait_ack=True) == 7
+
+
+def test_msg_ids_are_unique_across_restarts():
+    a, b = MsgIdGenerator(), MsgIdGenerator()
+    ids_a = {a.next() for _ in range(1000)}
+    ids_b = {b.next() for _ in range(1000)}
+    assert len(ids_a) == 1000 and not ids_a & ids_b
+    assert all(len(i) == 16 for i in ids_a)
