@@ -379,7 +379,11 @@ class Client(PendingOwner):
                     raise ConnectError(cat, str(exc)) from None
                 conn = holder[0]
                 self._conn = conn
-                await conn.welcomed
+                try:
+                    await conn.welcomed
+                except ConnectError:
+                    close_transport(conn)  # refused after the handshake (id, version, …)
+                    raise
                 return conn
         except TimeoutError:
             conn = holder[0] if holder else None
