@@ -77,15 +77,22 @@ async def _demo(n_clients: int, port: int) -> int:
         signals.on_event.connect(_print_event, weak=False)
         click.echo(f"== backbone demo: 1 server, {n_clients} clients on 127.0.0.1 (QUIC, TLS 1.3)")
         server = Server(
-            "127.0.0.1", port, certfile=str(certs.server_cert), keyfile=str(certs.server_key),
+            "127.0.0.1",
+            port,
+            certfile=str(certs.server_cert),
+            keyfile=str(certs.server_key),
             heartbeat_interval=1.0,
         )
         async with server:
             clients = []
             for i in range(n_clients):
                 client = Client(
-                    f"device-{i + 1}", "127.0.0.1", server.port, cafile=str(certs.ca_cert),
-                    server_name="localhost", heartbeat_interval=1.0,
+                    f"device-{i + 1}",
+                    "127.0.0.1",
+                    server.port,
+                    cafile=str(certs.ca_cert),
+                    server_name="localhost",
+                    heartbeat_interval=1.0,
                 )
 
                 @client.handler
@@ -107,8 +114,9 @@ async def _demo(n_clients: int, port: int) -> int:
 
             click.echo("\n== connected clients")
             for info in server.clients():
-                click.echo(f"  {info.client_id:10} from {info.remote_address:22} "
-                           f"session {info.session_id}")
+                click.echo(
+                    f"  {info.client_id:10} from {info.remote_address:22} session {info.session_id}"
+                )
 
             click.echo("\n== unicast, fire and forget")
             msg_id = await server.send_to("device-1", {"op": "reboot"})
@@ -164,8 +172,10 @@ async def _demo(n_clients: int, port: int) -> int:
 @click.option("-v", "--verbose", is_flag=True, help="debug logs on stderr")
 def demo(n_clients: int, port: int, verbose: bool) -> None:
     """Run an embedded server and a few clients: unicast, broadcast, WaitAck."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if n_clients < 2:
         raise click.BadParameter("the demo needs at least 2 clients", param_hint="--clients")
     sys.exit(asyncio.run(_demo(n_clients, port)))

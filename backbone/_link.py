@@ -255,6 +255,11 @@ class Link:
             )
         return fut
 
+    def send_control(self, frame: bytes) -> None:
+        """Queue a control frame (GOAWAY) behind what is queued, and transmit now."""
+        self._queue(frame)
+        self._flush()
+
     def _queue(self, frame: bytes) -> None:
         self._outbox.append(frame)
         self._outbox_bytes += len(frame)
@@ -262,7 +267,9 @@ class Link:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_handle = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         outbox = self._outbox
         if self.closed or not outbox:
             return
@@ -314,6 +321,20 @@ class Link:
 
     def _on_result(self, df: DataFrame, now: float) -> None:
         owner = self.owner
+        # parse first: a malformed RESULT closes the connection, and its pending entry
+        # must then fail with the others (ClientGone), not vanish unresolved
+        error_type: str | None = None
+        value: Any = None
+        if df.flags & FLAG_ERROR:
+            info = decode_payload(0, df.body)
+            if not isinstance(info, dict):
+                raise ProtocolViolation(
+                    ErrorCode.PROTOCOL_ERROR, "error RESULT body is not an object"
+                )
+            error_type = str(info.get("type", "Error"))
+            value = str(info.get("message", ""))
+        else:
+            value = decode_payload(df.flags, df.body)
         entry = owner.pending.resolve(self.session_id, df.msg_id)
         if entry is None:
             if owner.pending.was_recently_expired(self.session_id, df.msg_id):
@@ -331,23 +352,10 @@ class Link:
                 f"RESULT for message {df.msg_id.hex()}, which is not awaiting a result",
             )
         fut = entry.token.future
-        error_type: str | None = None
-        if df.flags & FLAG_ERROR:
-            info = decode_payload(0, df.body)
-            if not isinstance(info, dict):
-                raise ProtocolViolation(
-                    ErrorCode.PROTOCOL_ERROR, "error RESULT body is not an object"
-                )
-            error_type = str(info.get("type", "Error"))
-            if not fut.done():
-                fut.set_exception(
-                    RemoteError(
-                        df.msg_id.hex(), self.client_id, error_type, str(info.get("message", ""))
-                    )
-                )
-        else:
-            value = decode_payload(df.flags, df.body)
-            if not fut.done():
+        if not fut.done():
+            if error_type is not None:
+                fut.set_exception(RemoteError(df.msg_id.hex(), self.client_id, error_type, value))
+            else:
                 fut.set_result(value)
         if signals.wants(signals.on_ack):
             signals.emit(

@@ -28,6 +28,7 @@ from .errors import (
     NotConnected,
     ProtocolViolation,
     ServerGone,
+    reject_reason,
 )
 from .events import (
     Connected,
@@ -559,7 +560,7 @@ class Client(PendingOwner):
                     SendRejected(
                         role="client",
                         client_id=self.client_id,
-                        reason=type(exc).__name__,
+                        reason=reject_reason(exc),
                         detail=str(exc),
                     ),
                 )

@@ -54,7 +54,7 @@ class ServerConfig(_Common):
     keyfile: str | None = None
     max_pending_per_client: int = Field(1000, ge=1)
     max_pending_total: int = Field(100_000, ge=1)
-    hello_timeout: float = Field(10.0, gt=0, description="time allowed between handshake and HELLO")
+    hello_timeout: float = Field(10.0, gt=0, description="time from the first packet to the HELLO")
     close_grace: float = Field(
         2.0, ge=0, description="on stop, seconds to let pending results arrive before closing"
     )
@@ -73,7 +73,9 @@ class ClientConfig(_Common):
     server_name: str | None = Field(None, description="TLS server name; defaults to host")
     cafile: str | None = None
     verify: bool = Field(True, description="verify the server certificate and host name")
-    certfile: str | None = Field(None, description="client certificate (mutual TLS)")
+    certfile: str | None = Field(
+        None, description="client certificate, presented if the server asks for one"
+    )
     keyfile: str | None = None
     max_pending: int = Field(1000, ge=1, description="results pending from the server")
     connect_timeout: float = Field(10.0, gt=0)

@@ -120,5 +120,18 @@ class TooManyPending(BackboneError):
         self.limit = limit
 
 
+def reject_reason(exc: BackboneError) -> str:
+    """The ``SendRejected.reason`` for a send refused with ``exc``."""
+    if isinstance(exc, NotConnected):
+        return "not_connected"
+    if isinstance(exc, PayloadTooLarge):
+        return "payload_too_large"
+    if isinstance(exc, Backpressure):
+        return "backpressure"
+    if isinstance(exc, TooManyPending):
+        return "too_many_pending"
+    return "error"
+
+
 class ConfigError(BackboneError, ValueError):
     """A configuration value was refused."""

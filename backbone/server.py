@@ -19,6 +19,7 @@ from .errors import (
     ClientNotConnected,
     ErrorCode,
     ProtocolViolation,
+    reject_reason,
 )
 from .events import (
     Connected,
@@ -44,13 +45,6 @@ from .pending import PendingTable
 from .session import HEARTBEAT_STREAM, Hello, ServerSession
 
 log = logging.getLogger("backbone.server")
-
-_REJECT_REASONS: dict[str, str] = {
-    "ClientNotConnected": "not_connected",
-    "PayloadTooLarge": "payload_too_large",
-    "Backpressure": "backpressure",
-    "TooManyPending": "too_many_pending",
-}
 
 
 class _ServerConnection(QuicEndpoint):
@@ -108,7 +102,7 @@ class _ServerConnection(QuicEndpoint):
             log.warning("evicting %r: %s", self.link.client_id, verdict.reason)
             self.shut("heartbeat_timeout", verdict.code, verdict.reason)
         else:
-            self.violation(verdict, emit_event=False)
+            self.violation(verdict)
 
     # --- input ----------------------------------------------------------------------------
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -128,9 +122,10 @@ class _ServerConnection(QuicEndpoint):
             self.violation(pv)
             return
         if stream_id == HEARTBEAT_STREAM:
-            for sid, out in session.data_to_send():
+            pongs = session.data_to_send()
+            for sid, out in pongs:
                 self._quic.send_stream_data(sid, out)
-            if self.link is not None and signals.wants(signals.on_heartbeat):
+            if pongs and self.link is not None and signals.wants(signals.on_heartbeat):
                 signals.emit(
                     signals.on_heartbeat,
                     self.server,
@@ -139,7 +134,7 @@ class _ServerConnection(QuicEndpoint):
                     ),
                 )
 
-    def violation(self, pv: ProtocolViolation, emit_event: bool = True) -> None:
+    def violation(self, pv: ProtocolViolation) -> None:
         client_id = self.link.client_id if self.link else None
         log.warning(
             "closing connection from %s (client %r): %s %s",
@@ -268,7 +263,7 @@ class Server(PendingOwner):
         )
         for conn in list(self._sessions.values()):
             if conn.link is not None and not conn.link.closed:
-                conn.link._queue(goaway)
+                conn.link.send_control(goaway)
         waiting = [
             entry.token.future
             for peer in list(self.pending._by_peer.values())
@@ -383,7 +378,7 @@ class Server(PendingOwner):
                 SendRejected(
                     role="server",
                     client_id=client_id,
-                    reason=_REJECT_REASONS.get(type(exc).__name__, "error"),
+                    reason=reject_reason(exc),
                     detail=str(exc),
                 ),
             )

@@ -67,6 +67,21 @@ class PongReceived:
 Incoming = Hello | Welcome | GoAway | PongReceived | DataFrame
 
 
+def _number(fields: dict[str, Any], name: str, default: float) -> float:
+    value = fields.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e6:
+        raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, f"{name} must be a number >= 0")
+    return float(value)
+
+
+def _parse_goaway(fields: dict[str, Any]) -> GoAway:
+    return GoAway(
+        str(fields.get("reason", "")),
+        _number(fields, "retry_after", 0.0),
+        _number(fields, "window", 0.0),
+    )
+
+
 def _max_frame(max_payload: int) -> int:
     return max_payload + FRAME_OVERHEAD
 
@@ -158,7 +173,7 @@ class ServerSession(_Streams):
     def _parse_hello(self, body: bytes) -> Hello:
         fields = parse_json_body(FrameType.HELLO, body)
         version = fields.get("version")
-        if version != PROTOCOL_VERSION:
+        if type(version) is not int or version != PROTOCOL_VERSION:
             raise ProtocolViolation(
                 ErrorCode.UNSUPPORTED_VERSION,
                 f"protocol version {version!r} is not supported (server speaks {PROTOCOL_VERSION})",
@@ -272,14 +287,7 @@ class ClientSession(_Streams):
                     raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "second WELCOME")
                 out.append(self._open(parse_json_body(ftype, body), now))
             elif ftype == FrameType.GOAWAY:
-                fields = parse_json_body(ftype, body)
-                out.append(
-                    GoAway(
-                        str(fields.get("reason", "")),
-                        float(fields.get("retry_after", 0.0)),
-                        float(fields.get("window", 0.0)),
-                    )
-                )
+                out.append(_parse_goaway(parse_json_body(ftype, body)))
             else:
                 raise ProtocolViolation(
                     ErrorCode.PROTOCOL_ERROR,
@@ -288,17 +296,23 @@ class ClientSession(_Streams):
         return out
 
     def _open(self, fields: dict[str, Any], now: float) -> Welcome:
-        if fields.get("version") != PROTOCOL_VERSION:
+        if type(fields.get("version")) is not int or fields.get("version") != PROTOCOL_VERSION:
             raise ProtocolViolation(
                 ErrorCode.UNSUPPORTED_VERSION, f"server chose version {fields.get('version')!r}"
             )
         peer_max = fields.get("max_payload")
-        if not isinstance(peer_max, int) or peer_max < 1:
+        if type(peer_max) is not int or peer_max < 1:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "WELCOME without max_payload")
         self.state = "open"
         self.session_id = str(fields.get("session_id", ""))
         self.peer_max_payload = peer_max
         self._decoders[MSG_STREAM].max_frame = _max_frame(self.max_payload)
+        # the server decides when it evicts, so its heartbeat settings win
+        interval = _number(fields, "heartbeat_interval", self.heartbeat.interval)
+        misses = fields.get("heartbeat_misses", self.heartbeat.misses)
+        if interval > 0 and type(misses) is int and misses >= 1:
+            self.heartbeat.interval = interval
+            self.heartbeat.misses = misses
         # the heartbeat clock starts now; the first ping goes out at once
         self.heartbeat.started_at = now
         self.heartbeat.next_ping_at = now

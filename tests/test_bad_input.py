@@ -25,10 +25,12 @@ class RawPeer(QuicEndpoint):
     def __init__(self, quic: Any, **kw: Any) -> None:
         super().__init__(quic)
         self.received: list[tuple[int, bytes]] = []
+        self.data_arrived = asyncio.Event()
         self.closed_code: asyncio.Future[tuple[int, str]] = self._loop.create_future()
 
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         self.received.append((stream_id, data))
+        self.data_arrived.set()
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if not self.closed_code.done():
@@ -117,3 +119,50 @@ async def test_hello_timeout_closes_a_silent_connection(make_server, certs, even
         got_code, _ = await asyncio.wait_for(peer.closed_code, 5)
         assert got_code == ErrorCode.HELLO_TIMEOUT
         peer.close_with(0, "done")
+
+
+async def test_malformed_result_fails_the_waiting_sender_instead_of_hanging(
+    make_server, certs, events
+):
+    from backbone import ClientGone
+    from backbone.frames import FLAG_ERROR, FrameDecoder, parse_data_frame
+
+    async with make_server() as server:
+        conf = client_configuration(
+            server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
+        )
+        peer = await open_connection("127.0.0.1", server.port, conf, RawPeer)
+        assert isinstance(peer, RawPeer)
+        peer.write(0, hello("raw"))
+        await events.wait("connected", role="server", client_id="raw")
+        sending = asyncio.ensure_future(server.send_to("raw", "cmd", wait_ack=True, timeout=30))
+        decoder = FrameDecoder(1 << 20)
+        msg_id = None
+        async with asyncio.timeout(5):
+            while msg_id is None:
+                await peer.data_arrived.wait()
+                peer.data_arrived.clear()
+                for _sid, data in peer.received:
+                    for ftype, body in decoder.feed(data):
+                        if ftype == FrameType.MESSAGE:
+                            msg_id = parse_data_frame(ftype, body).msg_id
+                peer.received.clear()
+        peer.write(0, encode_data_frame(FrameType.RESULT, FLAG_ERROR, msg_id, b"[1]"))
+        with pytest.raises(ClientGone):
+            async with asyncio.timeout(5):
+                await sending
+        assert len(server.pending) == 0
+        code, _ = await asyncio.wait_for(peer.closed_code, 5)
+        assert code == ErrorCode.PROTOCOL_ERROR
+        peer.close_with(0, "done")
+
+
+async def test_goaway_is_sent_on_stop_even_with_nothing_pending(make_server, make_client, events):
+    async with make_server() as server:
+        client = make_client("dev-1", server.port)
+        async with running(client):
+            await server.stop()
+            ev = await events.wait("goaway.received")
+            assert ev.retry_after >= 0 and ev.window > 0
+            sched = await events.wait("reconnect.scheduled")
+            assert ev.retry_after <= sched.delay <= ev.retry_after + ev.window

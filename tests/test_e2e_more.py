@@ -15,15 +15,15 @@ from backbone.ids import MsgIdGenerator
 from .test_e2e import running
 
 
-async def test_heartbeats_survive_big_messages_and_a_busy_handler(
-    make_server, make_client, events
-):
+async def test_heartbeats_survive_big_messages_and_a_busy_handler(make_server, make_client, events):
     # 0.1 s heartbeats, evict after 0.3 s: a heartbeat queued behind a 1 MiB message or a
     # handler blocking its thread would be noticed at once
-    async with make_server(heartbeat_interval=0.1, heartbeat_misses=3,
-                           max_payload=1024 * 1024) as server:
-        client = make_client("busy", server.port, heartbeat_interval=0.1, heartbeat_misses=3,
-                             max_payload=1024 * 1024)
+    async with make_server(
+        heartbeat_interval=0.1, heartbeat_misses=3, max_payload=1024 * 1024
+    ) as server:
+        client = make_client(
+            "busy", server.port, heartbeat_interval=0.1, heartbeat_misses=3, max_payload=1024 * 1024
+        )
         stop = threading.Event()
 
         @client.handler
@@ -41,8 +41,11 @@ async def test_heartbeats_survive_big_messages_and_a_busy_handler(
             beats = events.of("heartbeat.received", client_id="busy")
             assert len(beats) >= 20
         assert not events.of("heartbeat.timed_out")
-        assert not [e for e in events.of("disconnected") if e.reason != "closed_by_client"
-                    and e.reason != "closed"]
+        assert not [
+            e
+            for e in events.of("disconnected")
+            if e.reason != "closed_by_client" and e.reason != "closed"
+        ]
 
 
 async def test_client_to_server_order_is_kept(make_server, make_client):
@@ -63,8 +66,9 @@ async def test_client_to_server_order_is_kept(make_server, make_client):
 
 async def test_backoff_resets_after_a_stable_connection(make_server, make_client, events):
     async with make_server() as server:
-        client = make_client("dev-1", server.port, backoff_reset_after=0.0,
-                             backoff_initial=0.05, backoff_jitter=0.0)
+        client = make_client(
+            "dev-1", server.port, backoff_reset_after=0.0, backoff_initial=0.05, backoff_jitter=0.0
+        )
         async with running(client):
             client.backoff.attempt = 5  # as if it had failed five times before
             assert server.evict("dev-1")

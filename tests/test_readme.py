@@ -18,8 +18,10 @@ async def test_readme_example_sends_and_gets_the_result(make_server, certs):
     ns: dict[str, Any] = {}
     exec(compile(server_code, "README-server", "exec"), ns)
     # the device snippet, pointed at the test server
-    client_code = client_code.replace('"server.example", 4433, cafile="ca.pem"',
-                                      '"127.0.0.1", PORT, cafile=CAFILE, server_name="localhost"')
+    client_code = client_code.replace(
+        '"server.example", 4433, cafile="ca.pem"',
+        '"127.0.0.1", PORT, cafile=CAFILE, server_name="localhost"',
+    )
     client_code = client_code.replace("    ...\n", "    return await reboot(SERVER)\n")
     body = "async def device_main():\n" + "\n".join(
         "    " + line for line in client_code.splitlines()
