@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from . import signals
+from . import propagation, signals
 from .config import _Common
 from .errors import (
     AckTimeout,
@@ -34,6 +34,7 @@ from .events import (
     AckSent,
     AckTimedOut,
     LateAckDropped,
+    MessageProcessed,
     MessageReceived,
     MessageSent,
     Role,
@@ -50,6 +51,7 @@ from .frames import (
 from .message import Message
 from .pending import PendingEntry, PendingTable
 from .session import MSG_STREAM
+from .stats import Figures
 
 if TYPE_CHECKING:
     from ._quic import QuicEndpoint
@@ -76,6 +78,7 @@ class PendingOwner:
 
     role: Role
     pending: PendingTable[Waiter]
+    figures: Figures
     _loop: asyncio.AbstractEventLoop
     _pending_timer: asyncio.TimerHandle | None = None
     _pending_timer_at: float | None = None
@@ -94,6 +97,7 @@ class PendingOwner:
         self._pending_timer_at = None
         now = self._loop.time()
         for entry in self.pending.expire(now):
+            self.figures.ack_timeouts += 1
             waiter = entry.token
             msg_id = entry.msg_id.hex()
             if not waiter.future.done():
@@ -153,6 +157,7 @@ class LinkOwner(Protocol):
     def role(self) -> Role: ...
 
     pending: PendingTable[Waiter]
+    figures: Figures
     _handler: Handler | None
 
     def _arm_pending_timer(self, deadline: float) -> None: ...
@@ -239,6 +244,7 @@ class Link:
             owner._arm_pending_timer(entry.deadline)
         self._queue(frame)
         self.messages_sent += 1
+        self.owner.figures.messages_out += 1
         if signals.wants(signals.on_message_sent):
             signals.emit(
                 signals.on_message_sent,
@@ -301,6 +307,7 @@ class Link:
             )
         msg = Message(df.msg_id.hex(), self.client_id, payload, wait_ack, time.time(), df.headers)
         self.messages_received += 1
+        self.owner.figures.messages_in += 1
         if signals.wants(signals.on_message_received):
             signals.emit(
                 signals.on_message_received,
@@ -351,6 +358,8 @@ class Link:
                 ErrorCode.UNKNOWN_MESSAGE_ID,
                 f"RESULT for message {df.msg_id.hex()}, which is not awaiting a result",
             )
+        latency = now - entry.created_at
+        owner.figures.ack_latency(latency)
         fut = entry.token.future
         if not fut.done():
             if error_type is not None:
@@ -367,7 +376,8 @@ class Link:
                     client_id=self.client_id,
                     ok=error_type is None,
                     error_type=error_type,
-                    latency=now - entry.created_at,
+                    latency=latency,
+                    headers=df.headers,
                 ),
             )
 
@@ -384,6 +394,7 @@ class Link:
 
     async def _process(self, msg: Message) -> None:
         handler = self.owner._handler
+        started_wall = time.time()
         started = time.perf_counter()
         error: tuple[str, str] | None = None
         result: Any = None
@@ -411,6 +422,23 @@ class Link:
                         self.client_id,
                         exc_info=True,
                     )
+        elapsed = time.perf_counter() - started
+        if signals.wants(signals.on_message_processed):
+            signals.emit(
+                signals.on_message_processed,
+                self.owner,
+                MessageProcessed(
+                    role=self.role,
+                    msg_id=msg.msg_id,
+                    client_id=self.client_id,
+                    wait_ack=msg.wait_ack,
+                    ok=error is None,
+                    error_type=None if error is None else error[0],
+                    started_at=started_wall,
+                    processing_time=elapsed,
+                    headers=msg.headers,
+                ),
+            )
         if not msg.wait_ack or self.closed:
             return
         if error is None:
@@ -426,7 +454,8 @@ class Link:
                     )
         if error is not None:
             flags, body = FLAG_ERROR, _error_body(*error)
-        frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body)
+        headers = propagation.inject(self.owner, "result", msg.msg_id, self.client_id, None)
+        frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body, headers)
         # a result is never refused for backpressure: the peer is waiting for it
         self._queue(frame)
         if signals.wants(signals.on_ack):
@@ -440,7 +469,7 @@ class Link:
                     ok=error is None,
                     error_type=None if error is None else error[0],
                     size=len(body),
-                    processing_time=time.perf_counter() - started,
+                    processing_time=elapsed,
                 ),
             )
 

@@ -9,7 +9,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from . import signals
+from . import propagation, signals
 from ._link import Handler, Link, PendingOwner
 from ._quic import (
     CRYPTO_ERROR_BASE,
@@ -45,8 +45,10 @@ from .events import (
 from .frames import FLAG_WAIT_ACK, DataFrame, FrameType, encode_data_frame, encode_payload
 from .ids import MsgIdGenerator
 from .pending import PendingTable
+from .plugins import Plugin, resolve_plugins
 from .session import ClientSession, GoAway, PongReceived, Welcome
 from .state import ClientState, check_transition
+from .stats import Figures
 
 log = logging.getLogger("backbone.client")
 
@@ -229,7 +231,7 @@ class Client(PendingOwner):
         *,
         cafile: str | None = None,
         config: ClientConfig | None = None,
-        plugins: Iterable[Any] = (),
+        plugins: Iterable[Plugin | str] | None = None,
         rng: random.Random | None = None,
         **settings: Any,
     ) -> None:
@@ -253,7 +255,8 @@ class Client(PendingOwner):
         self._rng = rng or random.Random()
         self._closing = False
         self._connected_event: asyncio.Event | None = None
-        self.plugins = list(plugins)
+        self.plugins: list[Plugin] = resolve_plugins(plugins)
+        self.figures = Figures()
         self.connects = 0
         self.backoff = Backoff(
             self.config.backoff_initial,
@@ -535,6 +538,7 @@ class Client(PendingOwner):
         handler's result (or ``AckTimeout`` / ``ServerGone`` / ``RemoteError``)."""
         conn = self._conn
         link = conn.link if conn is not None else None
+        msg_id: bytes | None = None
         try:
             if link is None or link.closed or self._state is not ClientState.CONNECTED:
                 raise NotConnected(f"client {self.client_id!r} is not connected to the server")
@@ -543,6 +547,8 @@ class Client(PendingOwner):
             if wait_ack:
                 flags |= FLAG_WAIT_ACK
             msg_id = self._ids.next()
+            if propagation.active():
+                headers = propagation.inject(self, "message", msg_id.hex(), self.client_id, headers)
             frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
             fut = link.send_frame(
                 frame,
@@ -553,6 +559,7 @@ class Client(PendingOwner):
                 headers,
             )
         except BackboneError as exc:
+            self.figures.rejected += 1
             if signals.wants(signals.on_send_rejected):
                 signals.emit(
                     signals.on_send_rejected,
@@ -562,6 +569,7 @@ class Client(PendingOwner):
                         client_id=self.client_id,
                         reason=reject_reason(exc),
                         detail=str(exc),
+                        msg_id=msg_id.hex() if msg_id is not None else None,
                     ),
                 )
             raise

@@ -159,6 +159,21 @@ class MessageReceived(Event):
     headers: dict[str, str] | None = None
 
 
+class MessageProcessed(Event):
+    """The handler finished with a message (with or without a result asked for).
+    ``started_at`` is when the handler began (Unix seconds)."""
+
+    kind: Literal["message.processed"] = "message.processed"
+    msg_id: str
+    client_id: str
+    wait_ack: bool
+    ok: bool
+    error_type: str | None = None
+    started_at: float
+    processing_time: float
+    headers: dict[str, str] | None = None
+
+
 class AckSent(Event):
     """The handler finished and its result (or error) went back to the sender."""
 
@@ -180,6 +195,7 @@ class AckReceived(Event):
     ok: bool
     error_type: str | None = None
     latency: float
+    headers: dict[str, str] | None = None
 
 
 class AckTimedOut(Event):
@@ -214,6 +230,7 @@ class SendRejected(Event):
     client_id: str
     reason: str  # not_connected | payload_too_large | backpressure | too_many_pending
     detail: str
+    msg_id: str | None = None  # set when the MsgID was already assigned
 
 
 class GoAwayReceived(Event):
@@ -238,6 +255,7 @@ AnyEvent = Annotated[
     | HeartbeatAcknowledged
     | MessageSent
     | MessageReceived
+    | MessageProcessed
     | AckSent
     | AckReceived
     | AckTimedOut
@@ -262,6 +280,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     HeartbeatAcknowledged,
     MessageSent,
     MessageReceived,
+    MessageProcessed,
     AckSent,
     AckReceived,
     AckTimedOut,

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import signals
+from . import propagation, signals
 from ._link import Handler, Link, PendingOwner
 from ._quic import QuicEndpoint, server_configuration, server_connections, start_server
 from .config import ServerConfig
@@ -42,7 +42,9 @@ from .frames import (
 from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
 from .pending import PendingTable
+from .plugins import Plugin, resolve_plugins
 from .session import HEARTBEAT_STREAM, Hello, ServerSession
+from .stats import Figures, Stats
 
 log = logging.getLogger("backbone.server")
 
@@ -189,7 +191,7 @@ class Server(PendingOwner):
         certfile: str | None = None,
         keyfile: str | None = None,
         config: ServerConfig | None = None,
-        plugins: Iterable[Any] = (),
+        plugins: Iterable[Plugin | str] | None = None,
         **settings: Any,
     ) -> None:
         base = config.model_dump() if config is not None else {}
@@ -214,8 +216,9 @@ class Server(PendingOwner):
         self._port = self.config.port
         self._closing = False
         self._wall_offset = 0.0
-        self.plugins = list(plugins)
-        self._plugin_handles: list[Any] = []
+        self.plugins: list[Plugin] = resolve_plugins(plugins)
+        self.figures = Figures()
+        self._sampler: asyncio.TimerHandle | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -242,6 +245,7 @@ class Server(PendingOwner):
         self._quic_server, self._port = await start_server(
             cfg.host, cfg.port, qconf, lambda quic, **kw: _ServerConnection(quic, self, **kw)
         )
+        self._sample()
         log.info("listening on %s:%d (QUIC, ALPN backbone/1)", cfg.host, self._port)
         if signals.wants(signals.on_server_started):
             signals.emit(
@@ -249,6 +253,15 @@ class Server(PendingOwner):
                 self,
                 ServerStarted(role="server", host=cfg.host, port=self._port),
             )
+
+    def _sample(self) -> None:
+        self.figures.sample(self._loop.time())
+        self._sampler = self._loop.call_later(1.0, self._sample)
+
+    def stats(self) -> Stats:
+        """Live figures (SC-010): connections, msgs/s in and out over the last ~10 s,
+        average and p99 ack latency over the last 10,000 results."""
+        return self.figures.snapshot(self._loop.time(), len(self._sessions), len(self.pending))
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop: refuse new sessions, tell clients to go away, give pending results up to
@@ -283,6 +296,8 @@ class Server(PendingOwner):
         self._quic_server = None
         if self._pending_timer is not None:
             self._pending_timer.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
         log.info("stopped")
         if signals.wants(signals.on_server_stopped):
             signals.emit(
@@ -370,7 +385,8 @@ class Server(PendingOwner):
             )
 
     # --- sending -------------------------------------------------------------------------------
-    def _rejected(self, client_id: str, exc: BackboneError) -> None:
+    def _rejected(self, client_id: str, exc: BackboneError, msg_id: bytes | None) -> None:
+        self.figures.rejected += 1
         if signals.wants(signals.on_send_rejected):
             signals.emit(
                 signals.on_send_rejected,
@@ -380,6 +396,7 @@ class Server(PendingOwner):
                     client_id=client_id,
                     reason=reject_reason(exc),
                     detail=str(exc),
+                    msg_id=msg_id.hex() if msg_id is not None else None,
                 ),
             )
 
@@ -398,6 +415,7 @@ class Server(PendingOwner):
         ``PayloadTooLarge``, ``Backpressure`` or ``TooManyPending`` at once."""
         conn = self._sessions.get(client_id)
         link = conn.link if conn is not None else None
+        msg_id: bytes | None = None
         try:
             if link is None or link.closed:
                 raise ClientNotConnected(client_id)
@@ -406,6 +424,8 @@ class Server(PendingOwner):
             if wait_ack:
                 flags |= FLAG_WAIT_ACK
             msg_id = self._ids.next()
+            if propagation.active():
+                headers = propagation.inject(self, "message", msg_id.hex(), client_id, headers)
             frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
             fut = link.send_frame(
                 frame,
@@ -416,7 +436,7 @@ class Server(PendingOwner):
                 headers,
             )
         except BackboneError as exc:
-            self._rejected(client_id, exc)
+            self._rejected(client_id, exc, msg_id)
             raise
         if fut is None:
             return msg_id.hex()
@@ -436,6 +456,8 @@ class Server(PendingOwner):
         if wait_ack:
             flags |= FLAG_WAIT_ACK
         msg_id = self._ids.next()
+        if propagation.active():
+            headers = propagation.inject(self, "broadcast", msg_id.hex(), "*", headers)
         frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
         timeout = self.config.ack_timeout if timeout is None else timeout
         outcomes: dict[str, Outcome] = {}
@@ -450,7 +472,7 @@ class Server(PendingOwner):
                     frame, msg_id, len(body), wait_ack, timeout, headers, broadcast=True
                 )
             except BackboneError as exc:
-                self._rejected(client_id, exc)
+                self._rejected(client_id, exc, msg_id)
                 outcomes[client_id] = Outcome(client_id, error=exc)
                 continue
             if fut is None:

@@ -44,6 +44,7 @@ on_protocol_error = _ns.signal("protocol.violated")
 on_heartbeat = _ns.signal("heartbeat", doc="heartbeat.received and heartbeat.acknowledged")
 on_message_sent = _ns.signal("message.sent")
 on_message_received = _ns.signal("message.received")
+on_message_processed = _ns.signal("message.processed")
 on_ack = _ns.signal("ack", doc="ack.sent, ack.received and ack.late")
 on_ack_timeout = _ns.signal("ack.timed_out")
 on_ack_failed = _ns.signal("ack.failed")
@@ -64,6 +65,7 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_heartbeat,
     on_message_sent,
     on_message_received,
+    on_message_processed,
     on_ack,
     on_ack_timeout,
     on_ack_failed,
@@ -73,6 +75,8 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
 
 #: failures per receiver name since start; a plugin's health figure
 receiver_failures: Counter[str] = Counter()
+#: a receiver that failed this many times is disconnected from the signal
+MAX_RECEIVER_FAILURES = 100
 _last_logged: dict[str, float] = {}
 _LOG_EVERY = 10.0
 
@@ -91,6 +95,15 @@ def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
         except Exception:
             name = getattr(receiver, "__qualname__", repr(receiver))
             receiver_failures[name] += 1
+            if receiver_failures[name] >= MAX_RECEIVER_FAILURES:
+                signal.disconnect(receiver)
+                log.error(
+                    "event receiver %s failed %d times and was disconnected from %s",
+                    name,
+                    receiver_failures[name],
+                    signal.name,
+                )
+                continue
             now = time.monotonic()
             if now - _last_logged.get(name, -_LOG_EVERY) >= _LOG_EVERY:
                 _last_logged[name] = now

@@ -1,5 +1,3 @@
-"""Observability plugins for backbone (logging, OpenTelemetry, metrics, history).
-
-They subscribe to :mod:`backbone.signals` and only observe.  See issue "Observability
-plugins" for the plan; nothing is implemented here yet.
-"""
+"""Observability plugins for backbone: ``logging``, ``otel`` (tracing), ``metrics`` and
+``history``.  Each subscribes to :mod:`backbone.signals`, only observes, and is enabled
+on its own (``Server(plugins=[...])`` or ``BACKBONE_PLUGINS=logging,metrics``)."""

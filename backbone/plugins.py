@@ -1,0 +1,234 @@
+"""Plugins: small observers of the signal bus, enabled explicitly or by configuration.
+
+A plugin subclasses :class:`Plugin`, names itself and says which signals it listens to::
+
+    class CountConnects(Plugin):
+        name = "count-connects"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def receivers(self):
+            return {signals.on_connected: self.connected}
+
+        def connected(self, sender, event):
+            self.count += 1
+
+``install(sender)`` connects its receivers for that sender (a Server or Client; None
+means every sender) and ``uninstall(sender)`` disconnects them; both are idempotent.
+Plugins are found by name through the ``backbone.plugins`` entry-point group, so a
+third-party plugin installs with pip; ``BACKBONE_PLUGINS=logging,metrics`` enables them
+for every Server and Client that is not given an explicit ``plugins=`` list.
+
+Plugins only observe.  A receiver that raises is logged and counted, and after
+:data:`backbone.signals.MAX_RECEIVER_FAILURES` failures it is disconnected.  Work that
+is slow (disk, network) goes through a :class:`BoundedWorker`: a bounded queue drained
+by a thread, whose drops are counted and logged, never silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+from blinker import ANY, NamedSignal
+
+log = logging.getLogger("backbone.plugins")
+
+ENTRY_POINT_GROUP = "backbone.plugins"
+ENV_VAR = "BACKBONE_PLUGINS"
+
+Receiver = Callable[..., None]
+
+#: events dropped by plugin queues, by plugin name (also exported by the metrics plugin)
+plugin_drops: Counter[str] = Counter()
+
+
+class Plugin:
+    name: str = "plugin"
+
+    def __init__(self) -> None:
+        self._installed: set[int] = set()
+        self._senders: dict[int, Any] = {}
+
+    def receivers(self) -> dict[NamedSignal, Receiver]:
+        """The signals this plugin listens to, and the callable for each."""
+        return {}
+
+    def on_install(self, sender: Any) -> None:
+        """Hook: called once per sender when installed (start threads, open files...)."""
+
+    def on_uninstall(self, sender: Any) -> None:
+        """Hook: called once per sender when uninstalled (flush, close...)."""
+
+    def install(self, sender: Any = None) -> None:
+        key = id(sender)
+        if key in self._installed:
+            return
+        self._installed.add(key)
+        self._senders[key] = sender
+        target = ANY if sender is None else sender
+        for signal, receiver in self.receivers().items():
+            signal.connect(receiver, sender=target, weak=False)
+        self.on_install(sender)
+
+    def uninstall(self, sender: Any = None) -> None:
+        key = id(sender)
+        if key not in self._installed:
+            return
+        self._installed.discard(key)
+        self._senders.pop(key, None)
+        target = ANY if sender is None else sender
+        for signal, receiver in self.receivers().items():
+            signal.disconnect(receiver, sender=target)
+        self.on_uninstall(sender)
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._installed)
+
+
+def available_plugins() -> dict[str, Any]:
+    """Entry points of the ``backbone.plugins`` group, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_plugin(name: str, **options: Any) -> Plugin:
+    eps = available_plugins()
+    if name not in eps:
+        known = ", ".join(sorted(eps)) or "none"
+        raise ValueError(f"unknown plugin {name!r} (installed: {known})")
+    cls = eps[name].load()
+    plugin = cls(**options)
+    if not isinstance(plugin, Plugin):
+        raise TypeError(f"plugin {name!r} ({cls!r}) is not a backbone.plugins.Plugin")
+    return plugin
+
+
+def plugins_from_env(environ: dict[str, str] | None = None) -> list[Plugin]:
+    names = (os.environ if environ is None else environ).get(ENV_VAR, "")
+    return [load_plugin(n.strip()) for n in names.split(",") if n.strip()]
+
+
+def resolve_plugins(plugins: Iterable[Plugin | str] | None) -> list[Plugin]:
+    """What ``Server(plugins=...)`` / ``Client(plugins=...)`` accept: None means the
+    environment decides; names are loaded through entry points."""
+    if plugins is None:
+        return plugins_from_env()
+    return [load_plugin(p) if isinstance(p, str) else p for p in plugins]
+
+
+T = TypeVar("T")
+
+
+class BoundedWorker(Generic[T]):
+    """A bounded queue drained in batches by a daemon thread.
+
+    ``put`` never blocks: when the queue is full the item is dropped, counted in
+    :data:`plugin_drops` and logged (at most every 10 s).  ``handle`` receives lists of
+    items; if it raises, the batch is logged and counted as failed and the worker goes on.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        handle: Callable[[list[T]], None],
+        maxsize: int = 100_000,
+        batch: int = 1000,
+        interval: float = 0.2,
+    ) -> None:
+        self.name = name
+        self._handle = handle
+        self._queue: queue.Queue[T | None] = queue.Queue(maxsize)
+        self._batch = batch
+        self._interval = interval
+        self._last_drop_log = 0.0
+        self.dropped = 0
+        self.failed_batches = 0
+        self.handled = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name=f"backbone-{name}", daemon=True)
+        self._thread.start()
+
+    def put(self, item: T) -> None:
+        try:
+            self._idle.clear()
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self.dropped += 1
+            plugin_drops[self.name] += 1
+            now = time.monotonic()
+            if now - self._last_drop_log >= 10.0:
+                self._last_drop_log = now
+                log.warning(
+                    "plugin %s is not keeping up: its queue of %d is full; %d events dropped "
+                    "so far",
+                    self.name,
+                    self._queue.maxsize,
+                    self.dropped,
+                )
+
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            try:
+                first = q.get(timeout=self._interval)
+            except queue.Empty:
+                self._idle.set()
+                continue
+            items: list[T] = []
+            stop = first is None
+            if first is not None:
+                items.append(first)
+            while len(items) < self._batch and not stop:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                else:
+                    items.append(item)
+            if items:
+                try:
+                    self._handle(items)
+                    self.handled += len(items)
+                except Exception:
+                    self.failed_batches += 1
+                    log.exception("plugin %s failed on a batch of %d", self.name, len(items))
+            if q.empty():
+                self._idle.set()
+            if stop:
+                self._idle.set()
+                return
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far was handled."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle.wait(0.05) and self._queue.empty():
+                return True
+        return False
+
+    def close(self, timeout: float = 5.0) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.warning("plugin %s: queue full at close, dropping the rest", self.name)
+            return
+        self._thread.join(timeout)
+
+
+def names(plugins: Sequence[Plugin]) -> list[str]:
+    return [p.name for p in plugins]
