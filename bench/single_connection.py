@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as _dt
 import json
 import multiprocessing as mp
@@ -171,19 +172,17 @@ class Control:
 def child_main(role: str, stack: str, scenario: str, params: dict[str, Any], conn: Any) -> None:
     try:
         if stack == "raw":
-            coro = raw_server(conn, scenario, params) if role == "server" else raw_client(
-                conn, params
+            coro = (
+                raw_server(conn, scenario, params) if role == "server" else raw_client(conn, params)
             )
         else:
-            coro = bb_server(conn, scenario, params) if role == "server" else bb_client(
-                conn, params
+            coro = (
+                bb_server(conn, scenario, params) if role == "server" else bb_client(conn, params)
             )
         asyncio.run(coro)
     except BaseException as exc:  # report, then die
-        try:
+        with contextlib.suppress(Exception):
             conn.send(("error", f"{role}/{stack}: {type(exc).__name__}: {exc}"))
-        except Exception:
-            pass
         raise
 
 
@@ -261,7 +260,7 @@ def _raw_protocol_class() -> Any:
                 end = pos + 4 + length
                 if end > size:
                     break
-                if ftype == T_MESSAGE or ftype == T_RESULT:
+                if ftype in (T_MESSAGE, T_RESULT):
                     flags, msg_id, hlen = msg_head(buf, pos + 5)
                     value = loads(buf[pos + 24 + hlen : end])
                     if ftype == T_MESSAGE:
@@ -383,9 +382,7 @@ async def bb_server(conn: Any, scenario: str, params: dict[str, Any]) -> None:
 
     stats = Stats()
     ctl = Control(conn, stats, _profile_path(params, "backbone", scenario, "server"))
-    server = Server(
-        "127.0.0.1", 0, certfile=params["server_cert"], keyfile=params["server_key"]
-    )
+    server = Server("127.0.0.1", 0, certfile=params["server_cert"], keyfile=params["server_key"])
     await server.start()
     ctl.send("port", server.port)
     await ctl.wait_ready(lambda: CLIENT_ID in server.client_ids())
@@ -507,7 +504,7 @@ def run_one(stack: str, scenario: str, params: dict[str, Any]) -> dict[str, Any]
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    for name, pipe in (("server", s_parent), ("client", c_parent)):
+    for pipe in (s_parent, c_parent):
         while pipe.poll(0):
             msg = pipe.recv()
             if msg[0] == "error":
@@ -532,7 +529,8 @@ def run_one(stack: str, scenario: str, params: dict[str, Any]) -> dict[str, Any]
         "receiver_cpu_util": (c1["cpu"] - c0["cpu"]) / (c1["t"] - c0["t"]),
         "sent_rate": (s1["sent"] - s0["sent"]) / (s1["t"] - s0["t"]),
         "backpressure_yields": s1["backpressure"] - s0["backpressure"],
-        "udp_rcvbuf_errors": (drops1 - drops0) if drops0 is not None and drops1 is not None
+        "udp_rcvbuf_errors": (drops1 - drops0)
+        if drops0 is not None and drops1 is not None
         else None,
     }
 
@@ -551,7 +549,8 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "nproc": os.cpu_count(),
-        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        "sched_affinity": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
         else None,
         "cpu_model": cpu,
         "python": platform.python_version(),
@@ -571,6 +570,13 @@ def _med(values: list[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _cpu_total(e: dict[str, Any] | None) -> float | None:
+    """Sender + receiver CPU µs per message."""
+    if not e or e["sender_cpu_us_per_msg"] is None or e["receiver_cpu_us_per_msg"] is None:
+        return None
+    return float(e["sender_cpu_us_per_msg"] + e["receiver_cpu_us_per_msg"])
+
+
 def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for scenario, by_stack in runs.items():
@@ -588,6 +594,8 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
         raw = entry.get("raw", {}).get("median_msgs_per_s")
         bb = entry.get("backbone", {}).get("median_msgs_per_s")
         entry["ratio_backbone_over_raw"] = bb / raw if raw and bb is not None else None
+        c_raw, c_bb = _cpu_total(entry.get("raw")), _cpu_total(entry.get("backbone"))
+        entry["cpu_ratio_backbone_over_raw"] = c_bb / c_raw if c_raw and c_bb else None
         out[scenario] = entry
     return out
 
@@ -595,9 +603,10 @@ def summarize(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any
 def render_table(summary: dict[str, Any]) -> str:
     head = (
         "| scenario | raw msgs/s (median) | backbone msgs/s (median) | backbone/raw "
-        "| raw runs | backbone runs | CPU µs/msg send/recv, raw | CPU µs/msg send/recv, backbone |"
+        "| raw runs | backbone runs | CPU µs/msg send / recv, raw "
+        "| CPU µs/msg send / recv, backbone | CPU/msg backbone/raw |"
     )
-    sep = "|---|--:|--:|--:|---|---|--:|--:|"
+    sep = "|---|--:|--:|--:|---|---|--:|--:|--:|"
     rows = [head, sep]
 
     def runs(e: dict[str, Any]) -> str:
@@ -610,8 +619,9 @@ def render_table(summary: dict[str, Any]) -> str:
     for entry in summary.values():
         raw, bb = entry.get("raw"), entry.get("backbone")
         ratio = entry["ratio_backbone_over_raw"]
+        cpu_ratio = entry.get("cpu_ratio_backbone_over_raw")
         rows.append(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |".format(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |".format(
                 entry["label"],
                 _fmt_rate(raw["median_msgs_per_s"]) if raw else "-",
                 _fmt_rate(bb["median_msgs_per_s"]) if bb else "-",
@@ -620,6 +630,7 @@ def render_table(summary: dict[str, Any]) -> str:
                 runs(bb) if bb else "-",
                 cpu(raw) if raw else "-",
                 cpu(bb) if bb else "-",
+                f"{cpu_ratio:.2f}" if cpu_ratio is not None else "-",
             )
         )
     return "\n".join(rows)
@@ -668,13 +679,28 @@ def render_docs_section(result: dict[str, Any]) -> str:
         "",
         render_table(s),
         "",
-        f"Ratios backbone/raw: {ratios}.",
+        f"Throughput ratios backbone/raw: {ratios}.  CPU-per-message ratios "
+        "(sender + receiver): "
+        + ", ".join(
+            f"{e['label']}: {e['cpu_ratio_backbone_over_raw']:.2f}"
+            for e in s.values()
+            if e.get("cpu_ratio_backbone_over_raw") is not None
+        )
+        + ".",
+        "",
+        "Reading the numbers: one-way throughput is set by QUIC congestion control reacting "
+        "to UDP receive-buffer drops, so single runs can differ by tens of percent; the "
+        "CPU µs/msg columns are the steadier measure of what backbone adds.  WaitAck with 1 "
+        "in flight is a latency test: per round trip, aioquic and event-loop wake-ups on "
+        "both sides dominate either stack's own code.  "
+        "`bench/micro_paths.py` measures backbone's own per-message cost without QUIC.",
         "",
     ]
     if drops:
         lines += [
             "UDP receive-buffer drops during the windows (`/proc/net/snmp` RcvbufErrors): "
-            + "; ".join(drops) + ".",
+            + "; ".join(drops)
+            + ".",
             "",
         ]
     lines += [
@@ -682,7 +708,7 @@ def render_docs_section(result: dict[str, Any]) -> str:
         "MESSAGE header, orjson body), writes coalesced per loop pass, a synchronous "
         "trivial handler that still `orjson.loads` the payload and `orjson.dumps` the "
         "result.  Backbone: `Server.send_to` / `Client` with an `async` handler returning "
-        "`{\"ok\": True}`.",
+        '`{"ok": True}`.',
         SECTION_END,
     ]
     return "\n".join(lines)
@@ -716,7 +742,10 @@ def _group(filename: str) -> str:
 
 
 def profile_report(
-    profile_dir: Path, stacks: list[str], scenarios: list[str], top: int,
+    profile_dir: Path,
+    stacks: list[str],
+    scenarios: list[str],
+    top: int,
     counts: dict[tuple[str, str], int],
 ) -> None:
     """Per process: self time grouped by module (idle ``epoll.poll`` left out) and the top
@@ -742,12 +771,17 @@ def profile_report(
                     short = fn.split("/site-packages/")[-1].replace(str(ROOT) + "/", "")
                     rows.append((tt, ct, nc, f"{short}:{line}({name})"))
                 busy = sum(groups.values())
-                print(f"\n==== {stack} {scenario} {role}: {n} msgs, busy {busy:.2f} s "
-                      f"= {busy / n * 1e6:.1f} profiled µs/msg ====")
-                print("  " + ", ".join(
-                    f"{g} {t / n * 1e6:.1f} ({t / busy:.0%})"
-                    for g, t in sorted(groups.items(), key=lambda kv: -kv[1])
-                ))
+                print(
+                    f"\n==== {stack} {scenario} {role}: {n} msgs, busy {busy:.2f} s "
+                    f"= {busy / n * 1e6:.1f} profiled µs/msg ===="
+                )
+                print(
+                    "  "
+                    + ", ".join(
+                        f"{g} {t / n * 1e6:.1f} ({t / busy:.0%})"
+                        for g, t in sorted(groups.items(), key=lambda kv: -kv[1])
+                    )
+                )
                 rows.sort(reverse=True)
                 print(f"  {'self µs/msg':>11} {'cum µs/msg':>10} {'calls/msg':>9}  function")
                 for tt, ct, nc, label in rows[:top]:
@@ -843,10 +877,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.no_write:
         return 0
-    public_params = {k: v for k, v in params.items() if k not in ("payload",) and "cert" not in k
-                     and "key" not in k}
-    public_params.update(rounds=rounds, payload_bytes=PAYLOAD_SIZE,
-                         outbound_limit=OUTBOUND_LIMIT, backpressure_sleep=BACKPRESSURE_SLEEP)
+    public_params = {
+        k: v
+        for k, v in params.items()
+        if k not in ("payload",) and "cert" not in k and "key" not in k
+    }
+    public_params.update(
+        rounds=rounds,
+        payload_bytes=PAYLOAD_SIZE,
+        outbound_limit=OUTBOUND_LIMIT,
+        backpressure_sleep=BACKPRESSURE_SLEEP,
+    )
     result = {
         "command": command,
         "machine": machine,
