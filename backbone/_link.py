@@ -159,8 +159,25 @@ class LinkOwner(Protocol):
     pending: PendingTable[Waiter]
     figures: Figures
     _handler: Handler | None
+    _handler_is_async: bool
 
     def _arm_pending_timer(self, deadline: float) -> None: ...
+
+
+class HandlerOwner:
+    """Mixin: the registered handler, with its kind worked out once."""
+
+    _handler: Handler | None = None
+    _handler_is_async: bool = False
+
+    def handler(self, fn: Handler) -> Handler:
+        """Register the handler for incoming messages (usable as a decorator).  Its return
+        value is the WaitAck result; an exception becomes a ``RemoteError`` at the sender.
+        ``async def`` handlers run on the event loop; plain functions run in a worker
+        thread (``sync_handler_in_thread``).  Messages reach it one at a time, in order."""
+        self._handler_is_async = inspect.iscoroutinefunction(fn)
+        self._handler = fn
+        return fn
 
 
 def _error_body(error_type: str, message: str) -> bytes:
@@ -390,7 +407,12 @@ class Link:
                 self._wakeup = None
                 continue
             msg = inbox.popleft()
-            await self._process(msg)
+            try:
+                await self._process(msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let one message kill the handler worker
+                log.exception("internal error while handling message %s", msg.msg_id)
 
     async def _process(self, msg: Message) -> None:
         handler = self.owner._handler
@@ -402,16 +424,21 @@ class Link:
             error = ("NoHandler", f"no handler is registered on {self.role} {self.client_id!r}")
         else:
             try:
-                if inspect.iscoroutinefunction(handler):
+                if self.owner._handler_is_async:
                     result = await handler(msg)
-                elif self.config.sync_handler_in_thread:
-                    result = await self._loop.run_in_executor(None, handler, msg)
                 else:
-                    result = handler(msg)
-                if inspect.isawaitable(result):
-                    result = await _as_awaitable(result)
+                    if self.config.sync_handler_in_thread:
+                        result = await self._loop.run_in_executor(None, handler, msg)
+                    else:
+                        result = handler(msg)
+                    if hasattr(result, "__await__"):  # a sync callable returned an awaitable
+                        result = await _as_awaitable(result)
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if self.closed or (task is not None and task.cancelling()):
+                    raise  # we are being shut down
+                # the handler cancelled something of its own: that is its failure, not ours
+                error = ("CancelledError", "the handler was cancelled")
             except Exception as exc:
                 error = (type(exc).__name__, str(exc))
                 if not msg.wait_ack:

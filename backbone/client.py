@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import Handler, Link, PendingOwner
+from ._link import HandlerOwner, Link, PendingOwner
 from ._quic import (
     CRYPTO_ERROR_BASE,
     CRYPTO_ERROR_MAX,
@@ -39,6 +39,7 @@ from .events import (
     HeartbeatTimedOut,
     ProtocolViolated,
     ReconnectScheduled,
+    Role,
     SendRejected,
     StateChanged,
 )
@@ -217,11 +218,11 @@ def _close_category(code: int) -> str:
     return "protocol"
 
 
-class Client(PendingOwner):
+class Client(HandlerOwner, PendingOwner):
     """A backbone client.  ``async with Client(...)`` runs the connection manager:
     it connects, and reconnects with jittered exponential backoff until closed."""
 
-    role = "client"
+    role: Role = "client"
 
     def __init__(
         self,
@@ -247,7 +248,6 @@ class Client(PendingOwner):
         base.update(settings)
         self.config = ClientConfig(**base)
         self.client_id = self.config.client_id
-        self._handler: Handler | None = None
         self._state = ClientState.IDLE
         self._conn: _ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -311,12 +311,6 @@ class Client(PendingOwner):
             raise NotConnected("the client is not started (use `async with client`)")
         async with asyncio.timeout(timeout):
             await self._connected_event.wait()
-
-    def handler(self, fn: Handler) -> Handler:
-        """Register the handler for server → client messages (decorator).  Its return value
-        is the WaitAck result; an exception becomes a ``RemoteError`` on the server."""
-        self._handler = fn
-        return fn
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

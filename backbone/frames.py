@@ -12,7 +12,6 @@ See ``docs/protocol.md`` for every frame type and field.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
@@ -27,6 +26,8 @@ _LEN = struct.Struct("!I")
 _U64 = struct.Struct("!Q")
 # flags:u8, msg_id:16s, headers_len:u16
 _MSG_HEAD = struct.Struct("!B16sH")
+# length:u32, type:u8, flags:u8, msg_id:16s, headers_len:u16 — a data frame's whole head
+_DATA_HEAD = struct.Struct("!IBB16sH")
 MSG_HEAD_SIZE = _MSG_HEAD.size  # 19
 MAX_HEADERS = 8 * 1024
 FRAME_OVERHEAD = 4 + 1 + MSG_HEAD_SIZE + MAX_HEADERS
@@ -51,15 +52,26 @@ FLAG_RAW = 0x02  # payload is raw bytes, not orjson
 FLAG_ERROR = 0x04  # body is {"type": ..., "message": ...}
 
 
-@dataclass(frozen=True, slots=True)
 class DataFrame:
-    """A decoded MESSAGE or RESULT frame."""
+    """A decoded MESSAGE or RESULT frame (read-only by convention; a plain slotted class
+    because a frozen dataclass costs a microsecond per message to build)."""
 
-    type: int
-    flags: int
-    msg_id: bytes
-    headers: dict[str, str] | None
-    body: bytes
+    __slots__ = ("body", "flags", "headers", "msg_id", "type")
+
+    def __init__(
+        self, type: int, flags: int, msg_id: bytes, headers: dict[str, str] | None, body: bytes
+    ) -> None:
+        self.type = type
+        self.flags = flags
+        self.msg_id = msg_id
+        self.headers = headers
+        self.body = body
+
+    def __repr__(self) -> str:
+        return (
+            f"DataFrame(type={self.type:#x}, flags={self.flags:#x}, msg_id={self.msg_id.hex()}, "
+            f"headers={self.headers!r}, body={len(self.body)} bytes)"
+        )
 
 
 # --- encoding -----------------------------------------------------------------
@@ -84,7 +96,9 @@ def encode_pong(nonce: int) -> bytes:
 
 def encode_payload(payload: Any) -> tuple[int, bytes]:
     """Return ``(flags, body)`` for an application value: bytes pass through raw."""
-    if isinstance(payload, bytes | bytearray | memoryview):
+    if type(payload) is bytes:
+        return FLAG_RAW, payload
+    if isinstance(payload, (bytearray, memoryview)):
         return FLAG_RAW, bytes(payload)
     return 0, orjson.dumps(payload)
 
@@ -106,7 +120,11 @@ def encode_data_frame(
     headers: dict[str, str] | None = None,
 ) -> bytes:
     """Encode a MESSAGE or RESULT frame (``msg_id`` is 16 bytes)."""
-    hdr = orjson.dumps(headers) if headers else b""
+    if not headers:
+        return _DATA_HEAD.pack(1 + MSG_HEAD_SIZE + len(body), ftype, flags, msg_id, 0) + body
+    if not all(isinstance(v, str) for v in headers.values()):
+        raise ValueError("header values must be strings")
+    hdr = orjson.dumps(headers)
     if len(hdr) > MAX_HEADERS:
         raise ValueError(f"headers are {len(hdr)} bytes encoded, the limit is {MAX_HEADERS}")
     length = 1 + MSG_HEAD_SIZE + len(hdr) + len(body)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -19,10 +19,9 @@ from .errors import (
 _NOT_SENT = (Backpressure, ClientNotConnected, PayloadTooLarge, TooManyPending)
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """A message handed to a handler.  ``client_id`` is the client it came from (server
-    side) or this client's own id (client side)."""
+class Message(NamedTuple):
+    """A message handed to a handler (immutable).  ``client_id`` is the client it came
+    from (server side) or this client's own id (client side)."""
 
     msg_id: str
     client_id: str

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import Handler, Link, PendingOwner
+from ._link import HandlerOwner, Link, PendingOwner
 from ._quic import QuicEndpoint, server_configuration, server_connections, start_server
 from .config import ServerConfig
 from .errors import (
@@ -27,6 +27,7 @@ from .events import (
     HeartbeatReceived,
     HeartbeatTimedOut,
     ProtocolViolated,
+    Role,
     SendRejected,
     ServerStarted,
     ServerStopped,
@@ -175,13 +176,13 @@ class _ServerConnection(QuicEndpoint):
         self.server._forget(self, why, error_code, reason)
 
 
-class Server(PendingOwner):
+class Server(HandlerOwner, PendingOwner):
     """A backbone server.  ``async with Server(...)`` listens and, on exit, stops gracefully.
 
     Configuration comes as keywords or as ``config=ServerConfig(...)``.
     """
 
-    role = "server"
+    role: Role = "server"
 
     def __init__(
         self,
@@ -207,7 +208,6 @@ class Server(PendingOwner):
         self.config = ServerConfig(**base)
         if not self.config.certfile:
             raise BackboneError("a server needs certfile (and keyfile) for TLS")
-        self._handler: Handler | None = None
         self._sessions: dict[str, _ServerConnection] = {}
         self._ids = MsgIdGenerator()
         self._session_seq = 0
@@ -318,11 +318,6 @@ class Server(PendingOwner):
         await self.stop()
 
     # --- handler -------------------------------------------------------------------------------
-    def handler(self, fn: Handler) -> Handler:
-        """Register the handler for client → server messages (decorator)."""
-        self._handler = fn
-        return fn
-
     # --- sessions ------------------------------------------------------------------------------
     def _accept(self, conn: _ServerConnection, hello: Hello, now: float) -> None:
         if self._closing:

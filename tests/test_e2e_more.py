@@ -99,3 +99,25 @@ def test_msg_ids_are_unique_across_restarts():
     ids_b = {b.next() for _ in range(1000)}
     assert len(ids_a) == 1000 and not ids_a & ids_b
     assert all(len(i) == 16 for i in ids_a)
+
+
+async def test_handler_cancelling_its_own_work_does_not_kill_the_worker(make_server, make_client):
+    async with make_server() as server:
+        client = make_client("dev-1", server.port)
+
+        @client.handler
+        async def handle(msg: Message) -> Any:
+            if msg.payload == "cancel-inside":
+                inner = asyncio.ensure_future(asyncio.sleep(10))
+                await asyncio.sleep(0)
+                inner.cancel()
+                await inner  # raises CancelledError inside the handler
+            return msg.payload
+
+        async with running(client):
+            from backbone import RemoteError
+
+            with pytest.raises(RemoteError) as e:
+                await server.send_to("dev-1", "cancel-inside", wait_ack=True, timeout=2)
+            assert e.value.error_type == "CancelledError"
+            assert await server.send_to("dev-1", "next", wait_ack=True, timeout=2) == "next"
