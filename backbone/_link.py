@@ -45,6 +45,7 @@ from .frames import (
     DataFrame,
     FrameType,
     decode_payload,
+    encode_credit,
     encode_data_frame,
     encode_payload,
 )
@@ -66,11 +67,12 @@ _MESSAGE = int(FrameType.MESSAGE)
 class Waiter:
     """What a pending entry holds: the future the sender awaits."""
 
-    __slots__ = ("client_id", "future")
+    __slots__ = ("client_id", "future", "seq")
 
-    def __init__(self, future: asyncio.Future[Any], client_id: str) -> None:
+    def __init__(self, future: asyncio.Future[Any], client_id: str, seq: int) -> None:
         self.future = future
         self.client_id = client_id
+        self.seq = seq  # the message's number on its link: a result credits up to it
 
 
 class PendingOwner:
@@ -196,6 +198,7 @@ class Link:
         session_id: str,
         peer_max_payload: int,
         now: float,
+        peer_window: int | None = None,
     ) -> None:
         self.owner = owner
         self.role = owner.role
@@ -209,6 +212,13 @@ class Link:
         self.closed = False
         self.messages_sent = 0
         self.messages_received = 0
+        # handler-level flow control: the peer handles at most ``peer_window`` of our
+        # messages at a time and tells us with CREDIT (or a RESULT) how far it got
+        self.peer_window = peer_window
+        self.peer_processed = 0
+        self.processed = 0
+        self.credit_sent = 0
+        self._credit_step = max(1, config.max_inbound_queue // 4)
         self._loop = asyncio.get_running_loop()
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
@@ -226,6 +236,15 @@ class Link:
         Under the ``disconnect`` policy the slow peer is closed as well."""
         limit = self.config.outbound_buffer_limit
         buffered = self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
+        window = self.peer_window
+        if window is not None and self.messages_sent - self.peer_processed >= window:
+            if self.config.slow_consumer_policy == "disconnect":
+                self.endpoint.shut(
+                    "slow_consumer",
+                    ErrorCode.SLOW_CONSUMER,
+                    f"{window} messages waiting for the peer's handler",
+                )
+            raise Backpressure(self.client_id, buffered, limit, unhandled=window)
         if buffered and buffered + size > limit:
             if self.config.slow_consumer_policy == "disconnect":
                 self.endpoint.shut(
@@ -256,7 +275,11 @@ class Link:
             fut = self._loop.create_future()
             owner = self.owner
             entry = owner.pending.add(
-                self.session_id, msg_id, timeout, self._loop.time(), Waiter(fut, self.client_id)
+                self.session_id,
+                msg_id,
+                timeout,
+                self._loop.time(),
+                Waiter(fut, self.client_id, self.messages_sent + 1),
             )
             owner._arm_pending_timer(entry.deadline)
         self._queue(frame)
@@ -375,6 +398,8 @@ class Link:
                 ErrorCode.UNKNOWN_MESSAGE_ID,
                 f"RESULT for message {df.msg_id.hex()}, which is not awaiting a result",
             )
+        if entry.token.seq > self.peer_processed:
+            self.peer_processed = entry.token.seq  # handled in order: all before it too
         latency = now - entry.created_at
         owner.figures.ack_latency(latency)
         fut = entry.token.future
@@ -398,6 +423,23 @@ class Link:
                 ),
             )
 
+    def on_credit(self, processed: int) -> None:
+        if processed > self.messages_sent:
+            raise ProtocolViolation(
+                ErrorCode.PROTOCOL_ERROR,
+                f"CREDIT for {processed} messages, only {self.messages_sent} were sent",
+            )
+        if processed > self.peer_processed:
+            self.peer_processed = processed
+
+    def _credit(self) -> None:
+        """After a message was handled: tell the sender, in batches, or when we are idle
+        and no RESULT already said it."""
+        due = self.processed - self.credit_sent
+        if due and (due >= self._credit_step or not self._inbox):
+            self.credit_sent = self.processed
+            self._queue(encode_credit(self.processed))
+
     async def _work(self) -> None:
         inbox = self._inbox
         while True:
@@ -413,6 +455,8 @@ class Link:
                 raise
             except Exception:  # never let one message kill the handler worker
                 log.exception("internal error while handling message %s", msg.msg_id)
+            if not self.closed:
+                self._credit()
 
     async def _process(self, msg: Message) -> None:
         handler = self.owner._handler
@@ -450,6 +494,7 @@ class Link:
                         exc_info=True,
                     )
         elapsed = time.perf_counter() - started
+        self.processed += 1
         if signals.wants(signals.on_message_processed):
             signals.emit(
                 signals.on_message_processed,
@@ -483,7 +528,9 @@ class Link:
             flags, body = FLAG_ERROR, _error_body(*error)
         headers = propagation.inject(self.owner, "result", msg.msg_id, self.client_id, None)
         frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body, headers)
-        # a result is never refused for backpressure: the peer is waiting for it
+        # a result is never refused for backpressure: the peer is waiting for it.  It also
+        # tells the peer that everything up to this message was handled (a credit).
+        self.credit_sent = self.processed
         self._queue(frame)
         if signals.wants(signals.on_ack):
             signals.emit(

@@ -47,7 +47,7 @@ from .frames import FLAG_WAIT_ACK, DataFrame, FrameType, encode_data_frame, enco
 from .ids import MsgIdGenerator
 from .pending import PendingTable
 from .plugins import Plugin, resolve_plugins
-from .session import ClientSession, GoAway, PongReceived, Welcome
+from .session import ClientSession, Credit, GoAway, PongReceived, Welcome
 from .state import ClientState, check_transition
 from .stats import Figures
 
@@ -72,6 +72,7 @@ class _ClientConnection(QuicEndpoint):
             heartbeat_interval=cfg.heartbeat_interval,
             heartbeat_misses=cfg.heartbeat_misses,
             now=self._loop.time(),
+            max_inbound=cfg.max_inbound_queue,
         )
         self.link: Link | None = None
         self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()
@@ -147,11 +148,15 @@ class _ClientConnection(QuicEndpoint):
                         item.session_id,
                         item.max_payload,
                         now,
+                        peer_window=item.max_inbound,
                     )
                     if not self.welcomed.done():
                         self.welcomed.set_result(item)
                     self._send_session_output()  # first ping at once
                     self._arm()
+                elif type(item) is Credit:
+                    assert self.link is not None
+                    self.link.on_credit(item.processed)
                 elif type(item) is GoAway:
                     self.goaway = item
                     log.info("server asked us to go away: %s", item.reason)

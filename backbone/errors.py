@@ -103,14 +103,16 @@ class PayloadTooLarge(BackboneError):
 class Backpressure(BackboneError):
     """The outbound buffer for this peer is full (slow consumer, policy ``reject``)."""
 
-    def __init__(self, peer: str, buffered: int, limit: int) -> None:
-        super().__init__(
-            f"outbound buffer for {peer!r} is full ({buffered} of {limit} bytes); "
-            "the peer is not keeping up"
-        )
+    def __init__(self, peer: str, buffered: int, limit: int, unhandled: int | None = None) -> None:
+        if unhandled is not None:
+            why = f"{unhandled} messages are waiting for its handler"
+        else:
+            why = f"outbound buffer is full ({buffered} of {limit} bytes)"
+        super().__init__(f"{peer!r} is not keeping up: {why}")
         self.peer = peer
         self.buffered = buffered
         self.limit = limit
+        self.unhandled = unhandled
 
 
 class TooManyPending(BackboneError):

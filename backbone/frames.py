@@ -39,6 +39,7 @@ class FrameType(IntEnum):
     PING = 0x03
     PONG = 0x04
     GOAWAY = 0x05
+    CREDIT = 0x06
     MESSAGE = 0x10
     RESULT = 0x11
 
@@ -92,6 +93,11 @@ def encode_ping(nonce: int) -> bytes:
 
 def encode_pong(nonce: int) -> bytes:
     return _frame(FrameType.PONG, _U64.pack(nonce))
+
+
+def encode_credit(processed: int) -> bytes:
+    """CREDIT: how many MESSAGE frames this side has finished handling on the session."""
+    return _frame(FrameType.CREDIT, _U64.pack(processed))
 
 
 def encode_payload(payload: Any) -> tuple[int, bytes]:

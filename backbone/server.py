@@ -44,7 +44,7 @@ from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
 from .pending import PendingTable
 from .plugins import Plugin, resolve_plugins
-from .session import HEARTBEAT_STREAM, Hello, ServerSession
+from .session import HEARTBEAT_STREAM, Credit, Hello, ServerSession
 from .stats import Figures, Stats
 
 log = logging.getLogger("backbone.server")
@@ -118,6 +118,9 @@ class _ServerConnection(QuicEndpoint):
                 if type(item) is DataFrame:
                     assert link is not None
                     link.on_frame(item, now)
+                elif type(item) is Credit:
+                    assert link is not None
+                    link.on_credit(item.processed)
                 elif type(item) is Hello:
                     self.server._accept(self, item, now)
                     link = self.link
@@ -326,12 +329,24 @@ class Server(HandlerOwner, PendingOwner):
         session_id = f"{self._server_id}-{self._session_seq}"
         conn.session_id = session_id
         conn.connected_at_wall = self._wall(now)
-        conn.session.accept(hello, session_id, {"server_id": self._server_id}, now)
+        conn.session.accept(
+            hello,
+            session_id,
+            {"server_id": self._server_id, "max_inbound": self.config.max_inbound_queue},
+            now,
+        )
         conn.rearm()
         for sid, out in conn.session.data_to_send():
             conn._quic.send_stream_data(sid, out)
         conn.link = Link(
-            self, conn, self.config, hello.client_id, session_id, hello.max_payload, now
+            self,
+            conn,
+            self.config,
+            hello.client_id,
+            session_id,
+            hello.max_payload,
+            now,
+            peer_window=hello.max_inbound,
         )
         old = self._sessions.get(hello.client_id)
         self._sessions[hello.client_id] = conn

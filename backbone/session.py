@@ -42,6 +42,7 @@ class Hello:
     client_id: str
     version: int
     max_payload: int
+    max_inbound: int | None  # the client's handler window; it promises CREDIT frames
     fields: dict[str, Any]
 
 
@@ -49,6 +50,7 @@ class Hello:
 class Welcome:
     session_id: str
     max_payload: int
+    max_inbound: int | None
     fields: dict[str, Any]
 
 
@@ -60,11 +62,16 @@ class GoAway:
 
 
 @dataclass(frozen=True, slots=True)
+class Credit:
+    processed: int
+
+
+@dataclass(frozen=True, slots=True)
 class PongReceived:
     rtt: float
 
 
-Incoming = Hello | Welcome | GoAway | PongReceived | DataFrame
+Incoming = Hello | Welcome | GoAway | PongReceived | Credit | DataFrame
 
 
 def _number(fields: dict[str, Any], name: str, default: float) -> float:
@@ -80,6 +87,15 @@ def _parse_goaway(fields: dict[str, Any]) -> GoAway:
         _number(fields, "retry_after", 0.0),
         _number(fields, "window", 0.0),
     )
+
+
+def _window(fields: dict[str, Any]) -> int | None:
+    value = fields.get("max_inbound")
+    if value is None:
+        return None
+    if type(value) is not int or value < 1:
+        raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "max_inbound must be an integer > 0")
+    return value
 
 
 def _max_frame(max_payload: int) -> int:
@@ -158,6 +174,8 @@ class ServerSession(_Streams):
                         ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} before HELLO"
                     )
                 out.append(parse_data_frame(ftype, body))
+            elif ftype == FrameType.CREDIT and self.state != "awaiting_hello":
+                out.append(Credit(parse_u64(ftype, body)))
             elif ftype == FrameType.HELLO:
                 if self.state != "awaiting_hello":
                     raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "second HELLO")
@@ -186,7 +204,7 @@ class ServerSession(_Streams):
         peer_max = fields.get("max_payload", self.max_payload)
         if not isinstance(peer_max, int) or isinstance(peer_max, bool) or peer_max < 1:
             raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "max_payload must be an integer > 0")
-        return Hello(client_id, version, peer_max, fields)
+        return Hello(client_id, version, peer_max, _window(fields), fields)
 
     def accept(self, hello: Hello, session_id: str, extra: dict[str, Any], now: float) -> None:
         """Open the session: queue the WELCOME and start the heartbeat clock."""
@@ -235,6 +253,7 @@ class ClientSession(_Streams):
         heartbeat_interval: float,
         heartbeat_misses: int,
         now: float,
+        max_inbound: int | None = None,
     ) -> None:
         super().__init__()
         self.state = "awaiting_welcome"
@@ -253,6 +272,7 @@ class ClientSession(_Streams):
                         "client_id": client_id,
                         "max_payload": max_payload,
                         "heartbeat_interval": heartbeat_interval,
+                        **({"max_inbound": max_inbound} if max_inbound else {}),
                     },
                 ),
             )
@@ -282,6 +302,8 @@ class ClientSession(_Streams):
                         ErrorCode.PROTOCOL_ERROR, f"{FrameType(ftype).name} before WELCOME"
                     )
                 out.append(parse_data_frame(ftype, body))
+            elif ftype == FrameType.CREDIT and self.state == "open":
+                out.append(Credit(parse_u64(ftype, body)))
             elif ftype == FrameType.WELCOME:
                 if self.state != "awaiting_welcome":
                     raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "second WELCOME")
@@ -316,7 +338,7 @@ class ClientSession(_Streams):
         # the heartbeat clock starts now; the first ping goes out at once
         self.heartbeat.started_at = now
         self.heartbeat.next_ping_at = now
-        return Welcome(self.session_id, peer_max, fields)
+        return Welcome(self.session_id, peer_max, _window(fields), fields)
 
     def get_timer(self) -> float | None:
         if self.state != "open":

@@ -13,6 +13,7 @@ from backbone._quic import QuicEndpoint, client_configuration, open_connection
 from backbone.errors import ErrorCode
 from backbone.frames import (
     FrameType,
+    encode_credit,
     encode_data_frame,
     encode_json_frame,
     encode_ping,
@@ -73,6 +74,9 @@ CASES: list[tuple[str, list[tuple[int, bytes]], ErrorCode]] = [
     ),
     ("unknown stream", [(0, hello()), (8, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
     ("ping before hello", [(4, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
+    ("credit for messages never sent", [(0, hello()), (0, encode_credit(5))],
+     ErrorCode.PROTOCOL_ERROR),
+    ("credit before hello", [(0, encode_credit(0))], ErrorCode.PROTOCOL_ERROR),
     (
         "not json payload",
         [(0, hello()), (0, encode_data_frame(FrameType.MESSAGE, 0, MID, b"{oops"))],

@@ -121,3 +121,40 @@ async def test_handler_cancelling_its_own_work_does_not_kill_the_worker(make_ser
                 await server.send_to("dev-1", "cancel-inside", wait_ack=True, timeout=2)
             assert e.value.error_type == "CancelledError"
             assert await server.send_to("dev-1", "next", wait_ack=True, timeout=2) == "next"
+
+
+async def test_a_slow_handler_pushes_back_on_the_sender(make_server, make_client, events):
+    """QUIC acknowledges data on arrival, so byte accounting alone never notices a handler
+    that falls behind; CREDIT frames do: the sender gets Backpressure at the peer's window,
+    and room again once the handler catches up.  Nothing overflows, nothing is lost."""
+    async with make_server() as server:
+        client = make_client("slow", server.port, max_inbound_queue=100)
+        gate = asyncio.Event()
+        handled: list[int] = []
+
+        @client.handler
+        async def handle(msg: Message) -> None:
+            await gate.wait()
+            handled.append(msg.payload)
+
+        async with running(client):
+            sent = 0
+            from backbone import Backpressure
+
+            with pytest.raises(Backpressure) as e:
+                for i in range(1000):
+                    await server.send_to("slow", i)
+                    sent += 1
+            assert sent == 100 and e.value.unhandled == 100
+            gate.set()
+            # room again once credits come back
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        await server.send_to("slow", sent)
+                        break
+                    except Backpressure:
+                        await events.wait_new("message.processed", role="client")
+            assert await server.send_to("slow", -1, wait_ack=True, timeout=5) is None
+            assert handled == [*range(sent + 1), -1]
+        assert not events.of("protocol.violated")

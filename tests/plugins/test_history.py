@@ -1,0 +1,480 @@
+"""The session-history plugin: events recorded from a real server and client over
+loopback, retention (rows and age, with an injected clock), replay == live view,
+restart survival, concurrent writers on one WAL file, and a slow or broken plugin
+never disturbing delivery.  End-to-end tests wait on events, never on bare sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import plugins.history as history_mod
+from backbone import AckTimeout, ClientGone, Message, RemoteError, signals
+from backbone.events import (
+    AckReceived,
+    AckTimedOut,
+    Connected,
+    Disconnected,
+    Event,
+    HeartbeatReceived,
+    MessageReceived,
+    MessageSent,
+    ServerStarted,
+)
+from backbone.plugins import load_plugin, plugin_drops
+from plugins.history import (
+    HEARTBEAT_KINDS,
+    HistoryPlugin,
+    SessionView,
+    apply,
+    parse_event,
+    replay,
+)
+
+MSG = "ab" * 16
+
+
+def sent(cid: str, at: float, role: str = "server") -> MessageSent:
+    return MessageSent(role=role, msg_id=MSG, client_id=cid, size=1, wait_ack=True, at=at)  # type: ignore[arg-type]
+
+
+def emit(sender: object, event: Event) -> None:
+    signals.on_event.send(sender, event=event)
+
+
+@contextlib.asynccontextmanager
+async def connected(client: Any):
+    async with client:
+        await client.wait_connected(5)
+        yield client
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "history.sqlite3"
+
+
+@pytest.fixture
+def installed(db: Path):
+    """A plugin installed on a stand-in sender, for events emitted by hand."""
+    made: list[tuple[HistoryPlugin, object]] = []
+
+    def factory(**kw: Any) -> tuple[HistoryPlugin, object]:
+        kw.setdefault("max_age", None)  # hand-made events have small ``at`` values
+        plugin = HistoryPlugin(kw.pop("path", db), **kw)
+        sender = object()
+        plugin.install(sender)
+        made.append((plugin, sender))
+        return plugin, sender
+
+    yield factory
+    for plugin, _sender in made:
+        plugin.close()
+
+
+# --- recorded from a real server and client ---------------------------------------------------
+
+
+async def test_records_a_real_session(make_server, make_client, events, db):
+    plugin = HistoryPlugin(db, heartbeat_every=None)
+    async with make_server(plugins=[plugin]) as server:
+        client = make_client("dev-1", server.port, plugins=[])
+        client.handler(lambda m: {"echo": m.payload})
+        server.handler(lambda m: "got it")
+        async with connected(client):
+            assert await server.send_to("dev-1", {"op": 1}, wait_ack=True) == {"echo": {"op": 1}}
+            assert await client.send("hi", wait_ack=True) == "got it"
+            await events.wait("heartbeat.received", role="server", client_id="dev-1")
+            await events.wait_new("heartbeat.received", role="server", client_id="dev-1")
+        await events.wait("disconnected", role="server", client_id="dev-1")
+    # leaving the server uninstalled the plugin, which flushed and closed the writer
+    stored = plugin.history("dev-1")
+    kinds = [e.kind for e in stored]
+    for kind in ("connected", "message.sent", "ack.received", "message.received", "ack.sent"):
+        assert kind in kinds
+    assert kinds[0] == "connected" and kinds[-1] == "disconnected"
+    assert all(e.role == "server" for e in stored)  # only the server had the plugin
+    # events come back as their own classes, equal to what was emitted
+    emitted = {e.seq: e for e in events.items}
+    assert all(emitted[e.seq] == e for e in stored)
+    # heartbeat_every=None: only the last heartbeat of the session, just before its end
+    beats = [e for e in stored if e.kind == "heartbeat.received"]
+    hb = plugin.heartbeat_stats("dev-1")
+    assert hb is not None and hb.count >= 2 and len(beats) == 1
+    assert beats[0].at == hb.last_at and kinds[-2] == "heartbeat.received"
+    assert plugin.clients() == ["dev-1"]
+    assert plugin.clients(since=stored[-1].at + 1) == []
+    # server lifecycle events are stored too, without a client id
+    assert plugin.count() == len(stored) + 2
+    view = plugin.session_view("dev-1")
+    assert view.messages_sent == 1 and view.messages_received == 1 and view.acks_ok == 1
+    assert view.disconnect_reasons == {"closed_by_client": 1} and not view.connected
+
+
+async def test_replay_of_stored_events_equals_the_live_view(make_server, make_client, events, db):
+    plugin = HistoryPlugin(db, heartbeat_every=0.3)
+    release = asyncio.Event()
+
+    async def handle(msg: Message) -> Any:
+        op = msg.payload["op"]
+        if op == "fail":
+            raise ValueError("disk full")
+        if op == "slow":
+            await release.wait()
+        return op
+
+    async with make_server(plugins=[plugin]) as server:
+        server.handler(lambda m: m.payload)
+        client = make_client("dev-1", server.port, plugins=[])
+        client.handler(handle)
+        async with connected(client):
+            first = await events.wait("connected", role="server", client_id="dev-1")
+            assert await server.send_to("dev-1", {"op": "a"}, wait_ack=True) == "a"
+            assert await server.send_to("dev-1", {"op": "b"}, wait_ack=True) == "b"
+            with pytest.raises(RemoteError):
+                await server.send_to("dev-1", {"op": "fail"}, wait_ack=True)
+            with pytest.raises(AckTimeout):
+                await server.send_to("dev-1", {"op": "slow"}, wait_ack=True, timeout=0.2)
+            release.set()
+            await events.wait("ack.late", role="server", client_id="dev-1")
+            await server.send_to("dev-1", {"op": "fire"})
+            assert await client.send({"n": 1}, wait_ack=True) == {"n": 1}
+            await events.wait_new("heartbeat.received", role="server", client_id="dev-1")
+
+            # evicted: the client reconnects by itself
+            back = asyncio.ensure_future(
+                events.wait_new("connected", role="server", client_id="dev-1")
+            )
+            await asyncio.sleep(0)  # let the waiter register (a yield, not a timed wait)
+            assert server.evict("dev-1")
+            second = await back
+            assert second.session_id != first.session_id
+            assert plugin.live_view("dev-1").connected  # type: ignore[union-attr]
+
+            # evicted with a result pending: ClientGone
+            release.clear()
+            pending = asyncio.ensure_future(
+                server.send_to("dev-1", {"op": "slow"}, wait_ack=True, timeout=30)
+            )
+            await events.wait_new("message.received", role="client", client_id="dev-1")
+            back = asyncio.ensure_future(
+                events.wait_new("connected", role="server", client_id="dev-1")
+            )
+            await asyncio.sleep(0)
+            server.evict("dev-1")
+            with pytest.raises(ClientGone):
+                await pending
+            await back
+            release.set()
+            assert await server.send_to("dev-1", {"op": "c"}, wait_ack=True) == "c"
+        await events.wait("disconnected", role="server", reason="closed_by_client")
+        assert plugin.flush(5)
+        live = plugin.live_view("dev-1")
+        stored = plugin.session_view("dev-1")
+        assert live is not None and stored == live
+        # the same reducer over the events as delivered (heartbeats aside) agrees too
+        delivered = replay(
+            e
+            for e in events.items
+            if e.role == "server" and getattr(e, "client_id", None) == "dev-1"
+            if e.kind not in HEARTBEAT_KINDS
+        )
+        skip = {"last_heartbeat_at", "events", "last_event_at"}
+        for name in SessionView.__dataclass_fields__:
+            if name not in skip:
+                assert getattr(delivered, name) == getattr(live, name), name
+    assert live.acks_ok == 3 and live.acks_failed == 1
+    assert live.ack_timeouts == 1 and live.ack_gone == 1 and live.acks_late == 1
+    assert live.messages_sent == 7 and live.messages_received == 1
+    assert live.disconnects == 3
+    assert live.disconnect_reasons == {"evicted": 2, "closed_by_client": 1}
+    assert not live.connected and live.connected_since is None
+    assert live.last_heartbeat_at is not None
+    assert plugin.session_view("dev-1") == live  # still true after the server stopped
+
+
+async def test_history_survives_a_restart(make_server, make_client, events, db):
+    for round_ in (1, 2):
+        plugin = HistoryPlugin(db)
+        async with make_server(plugins=[plugin]) as server:
+            client = make_client("dev-1", server.port, plugins=[])
+            client.handler(lambda m: m.payload)
+            async with connected(client):
+                assert await server.send_to("dev-1", round_, wait_ack=True) == round_
+            await events.wait_new("disconnected", role="server", client_id="dev-1")
+    # a third instance, never installed, reads what both servers wrote
+    reader = HistoryPlugin(db)
+    stored = reader.history("dev-1")
+    assert [e.kind for e in stored].count("connected") == 2
+    view = reader.session_view("dev-1")
+    assert view.acks_ok == 2 and view.disconnects == 2 and not view.connected
+    assert reader.live_view("dev-1") is None  # live views are per instance
+    reader.close()
+
+
+# --- queries and the reducer, with events emitted by hand -------------------------------------
+
+
+def test_query_filters_and_order(installed):
+    plugin, sender = installed()
+    for i in range(10):
+        emit(sender, sent("c1", 100.0 + i))
+        emit(sender, AckReceived(role="server", msg_id=MSG, client_id="c1", ok=i % 2 == 0,
+                                 latency=0.01, at=100.5 + i))
+        emit(sender, sent("c2", 100.0 + i, role="client"))
+    emit(sender, ServerStarted(role="server", host="h", port=1, at=99.0))
+    assert plugin.flush(5)
+    everything = plugin.history("c1", limit=None)
+    assert len(everything) == 20 and [e.at for e in everything] == sorted(e.at for e in everything)
+    last = plugin.history("c1", limit=3)  # the most recent three, oldest first
+    assert [e.at for e in last] == [108.5, 109.0, 109.5]
+    acks = plugin.history("c1", kinds=["ack.*"])
+    assert len(acks) == 10 and all(isinstance(e, AckReceived) for e in acks)
+    window = plugin.history("c1", since=103.0, until=105.0)
+    assert [e.at for e in window] == [103.0, 103.5, 104.0, 104.5]
+    assert plugin.history("c1", kinds=[]) == []
+    assert plugin.history("c2", role="server") == []
+    assert len(plugin.history("c2", role="client")) == 10
+    assert plugin.clients() == ["c1", "c2"]
+    assert plugin.clients(since=109.2) == ["c1"]
+    assert plugin.count() == 31
+
+
+def test_heartbeats_are_sampled_and_the_last_is_kept(installed):
+    plugin, s = installed(heartbeat_every=10.0)
+    emit(s, Connected(role="server", client_id="c1", session_id="s1", peer="p", at=0.0))
+    for i in range(36):
+        emit(s, HeartbeatReceived(role="server", client_id="c1", session_id="s1", at=float(i)))
+    emit(s, Disconnected(role="server", client_id="c1", session_id="s1", reason="closed",
+                         at=40.0))
+    emit(s, Connected(role="server", client_id="c1", session_id="s2", peer="p", at=41.0))
+    emit(s, HeartbeatReceived(role="server", client_id="c1", session_id="s2", at=42.0))
+    assert plugin.flush(5)
+    beats = [e.at for e in plugin.history("c1", kinds=["heartbeat.received"])]
+    # one per 10 s, the last of session s1 before its end, the first of session s2
+    assert beats == [0.0, 10.0, 20.0, 30.0, 35.0, 42.0]
+    hb = plugin.heartbeat_stats("c1")
+    assert hb is not None and hb.count == 37 and hb.last_at == 42.0
+    assert plugin.session_view("c1") == plugin.live_view("c1")
+
+
+def test_reducer_is_pure_and_scoped():
+    v0 = SessionView("c1")
+    v1 = apply(v0, Connected(role="server", client_id="c1", session_id="s1", peer="p", at=1.0))
+    assert v0 == SessionView("c1") and v1.connected and v1.connected_since == 1.0
+    assert apply(v1, sent("c2", 2.0)) is v1  # another client
+    assert apply(v1, sent("c1", 2.0, role="client")) is v1  # another side
+    # the old session's end, arriving after the new one started, leaves it connected
+    v2 = apply(v1, Connected(role="server", client_id="c1", session_id="s2", peer="p", at=3.0))
+    v3 = apply(v2, Disconnected(role="server", client_id="c1", session_id="s1",
+                                reason="replaced", at=3.1))
+    assert v3.connected and v3.session_id == "s2" and v3.disconnect_reasons == {"replaced": 1}
+    v4 = apply(v3, Disconnected(role="server", client_id="c1", session_id="s2",
+                                reason="closed", at=4.0))
+    assert not v4.connected and v3.disconnect_reasons == {"replaced": 1}
+    assert v4.disconnects == 2 and v4.disconnect_reasons == {"replaced": 1, "closed": 1}
+    events: list[Event] = [
+        AckReceived(role="server", msg_id=MSG, client_id="c1", ok=False, error_type="E",
+                    latency=0.1, at=5.0),
+        AckTimedOut(role="server", msg_id=MSG, client_id="c1", timeout=1.0, at=6.0),
+        MessageReceived(role="server", msg_id=MSG, client_id="c1", size=1, wait_ack=False,
+                        at=7.0),
+    ]
+    v5 = replay(events, "c1")
+    assert (v5.acks_failed, v5.ack_timeouts, v5.messages_received) == (1, 1, 1)
+    assert replay(events) == v5  # client id taken from the events
+    with pytest.raises(ValueError):
+        replay([])
+
+
+def test_stored_json_parses_back_to_each_class():
+    for event in (
+        sent("c1", 1.0),
+        Connected(role="client", client_id="c1", session_id="s", peer="p", setup_time=0.01),
+        AckTimedOut(role="server", msg_id=MSG, client_id="c1", timeout=1.0),
+    ):
+        assert parse_event(event.model_dump_json()) == event
+
+
+def test_loaded_by_name_through_the_entry_point(db):
+    plugin = load_plugin("history", path=db, max_rows=5)
+    assert isinstance(plugin, HistoryPlugin) and plugin.max_rows == 5
+
+
+# --- retention -----------------------------------------------------------------------------
+
+
+def test_retention_keeps_at_most_max_rows(installed, monkeypatch):
+    monkeypatch.setattr(history_mod, "RETENTION_CHUNK", 7)  # several delete transactions
+    plugin, s = installed(max_rows=100, max_age=None, retention_every=0, batch=50)
+    for i in range(250):
+        emit(s, sent(f"c{i % 3}", float(i)))
+    assert plugin.flush(5)
+    assert plugin.count() == 100
+    kept = sorted(e.at for c in plugin.clients() for e in plugin.history(c, limit=None))
+    assert kept == [float(i) for i in range(150, 250)]
+    assert plugin.stats()["pruned"] == 150
+
+
+def test_retention_by_age_with_an_injected_clock(installed):
+    now = [1000.0]
+    plugin, s = installed(max_age=100.0, max_rows=None, retention_every=0, clock=lambda: now[0])
+    for i in range(201):
+        emit(s, sent("c1", 800.0 + i))
+    assert plugin.flush(5)
+    ats = [e.at for e in plugin.history("c1", limit=None)]
+    assert ats == [900.0 + i for i in range(101)]  # older than now - max_age: gone
+    now[0] = 1050.0
+    assert plugin.prune() == 50
+    assert plugin.history("c1", limit=None)[0].at == 950.0
+    now[0] = 2000.0
+    assert plugin.prune() == 51 and plugin.count() == 0
+    emit(s, sent("c1", 1999.0))  # the writer prunes on its own, after a batch
+    assert plugin.flush(5)
+    assert [e.at for e in plugin.history("c1")] == [1999.0]
+
+
+def test_retention_waits_for_its_interval(installed):
+    now = [1000.0]
+    plugin, s = installed(max_age=10.0, retention_every=3600.0, clock=lambda: now[0])
+    emit(s, sent("c1", 995.0))  # first batch: retention runs (nothing expired)
+    assert plugin.flush(5)
+    now[0] = 2000.0
+    emit(s, sent("c1", 1999.0))
+    assert plugin.flush(5)
+    assert plugin.count() == 2  # not yet: retention ran less than an hour ago
+    assert plugin.prune() == 1 and plugin.count() == 1
+
+
+# --- concurrency and isolation -----------------------------------------------------------------
+
+WRITER = """
+import sys
+from backbone import signals
+from backbone.events import MessageSent
+from plugins.history import HistoryPlugin
+p = HistoryPlugin(sys.argv[1], batch=20, retention_every=0)
+s = object()
+p.install(s)
+for i in range(int(sys.argv[2])):
+    signals.on_event.send(s, event=MessageSent(role="server", msg_id="ab" * 16,
+                 client_id="proc", size=1, wait_ack=False, at=float(i)))
+assert p.flush(30)
+assert p.stats()["failed_batches"] == 0, p.stats()
+p.close()
+"""
+
+
+def test_concurrent_writers_lose_nothing(installed, db):
+    n = 3000
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(WRITER), str(db), str(n)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    a = installed(batch=20, retention_every=0, max_age=None)
+    b = installed(batch=20, retention_every=0, max_age=None)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write(plugin_sender: tuple[HistoryPlugin, object], cid: str) -> None:
+        try:
+            for i in range(n):
+                emit(plugin_sender[1], sent(cid, float(i)))
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                a[0].history("a", limit=50)
+                a[0].clients()
+            except BaseException as e:  # pragma: no cover - reported below
+                errors.append(e)
+                return
+
+    threads = [
+        threading.Thread(target=write, args=(a, "a")),
+        threading.Thread(target=write, args=(b, "b")),
+    ]
+    reader = threading.Thread(target=read)
+    for t in [*threads, reader]:
+        t.start()
+    for t in threads:
+        t.join()
+    assert a[0].flush(30) and b[0].flush(30)
+    _, err = proc.communicate(timeout=60)
+    done.set()
+    reader.join()
+    assert proc.returncode == 0, err
+    assert not errors
+    for plugin, _ in (a, b):
+        stats = plugin.stats()
+        assert stats["failed_batches"] == 0 and stats["dropped"] == 0, stats
+    assert a[0].count() == 3 * n
+    for cid in ("a", "b", "proc"):
+        assert len(a[0].history(cid, limit=None)) == n
+
+
+async def test_a_full_queue_drops_and_counts_but_never_blocks_delivery(
+    make_server, make_client, db
+):
+    plugin = HistoryPlugin(db, queue_size=5, batch=1)
+    gate = threading.Event()
+    write = plugin._write
+
+    def stuck(batch: list[Event]) -> None:
+        gate.wait(10)
+        write(batch)
+
+    plugin._write = stuck  # type: ignore[method-assign]
+    drops_before = plugin_drops["history"]
+    try:
+        async with make_server(plugins=[plugin]) as server:
+            client = make_client("dev-1", server.port, plugins=[])
+            client.handler(lambda m: m.payload)
+            async with connected(client):
+                for i in range(30):
+                    assert await server.send_to("dev-1", i, wait_ack=True, timeout=2) == i
+            dropped = plugin.stats()["dropped"]
+            assert dropped > 0 and plugin_drops["history"] - drops_before == dropped
+            gate.set()
+    finally:
+        gate.set()
+    stats = plugin.stats()
+    assert plugin.count() == stats["recorded"] - stats["dropped"] > 0
+
+
+async def test_a_failing_receiver_never_disturbs_delivery(
+    make_server, make_client, events, db, monkeypatch
+):
+    def broken(view: SessionView, event: Event) -> SessionView:
+        raise RuntimeError("reducer bug")
+
+    monkeypatch.setattr(history_mod, "apply", broken)
+    plugin = HistoryPlugin(db)
+    name = "HistoryPlugin._on_event"
+    before = signals.receiver_failures[name]
+    try:
+        async with make_server(plugins=[plugin]) as server:
+            client = make_client("dev-1", server.port, plugins=[])
+            client.handler(lambda m: m.payload)
+            server.handler(lambda m: None)
+            async with connected(client):
+                for i in range(10):
+                    assert await server.send_to("dev-1", i, wait_ack=True, timeout=2) == i
+                    assert await client.send(i, wait_ack=True, timeout=2) is None
+        assert signals.receiver_failures[name] - before >= 20
+        assert len(events.of("ack.received", role="server")) == 10  # others still see all
+    finally:
+        signals.receiver_failures[name] = before
+        if not before:
+            del signals.receiver_failures[name]
