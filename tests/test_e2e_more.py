@@ -158,3 +158,56 @@ async def test_a_slow_handler_pushes_back_on_the_sender(make_server, make_client
             assert await server.send_to("slow", -1, wait_ack=True, timeout=5) is None
             assert handled == [*range(sent + 1), -1]
         assert not events.of("protocol.violated")
+
+
+async def test_wrong_host_name_is_a_tls_failure(make_server, make_client, events):
+    async with make_server() as server:
+        client = make_client("dev-1", server.port, server_name="not-the-server.example")
+        async with client:
+            ev = await events.wait("connect.failed", timeout=5)
+            assert ev.reason == "tls"
+        assert server.clients() == []
+
+
+async def test_verification_off_connects_and_says_so_loudly(
+    make_server, make_client, tmp_path, caplog
+):
+    from backbone.certs import make_dev_certs
+
+    other = make_dev_certs(tmp_path / "other")
+    async with make_server() as server:
+        with caplog.at_level("WARNING", logger="backbone.client"):
+            client = make_client("dev-1", server.port, cafile=str(other.ca_cert), verify=False)
+        assert "verification is OFF" in caplog.text
+        async with running(client):
+            assert server.client("dev-1") is not None
+
+
+async def test_too_many_pending_fails_at_once(make_server, make_client, events):
+    from backbone import TooManyPending
+
+    async with make_server(max_pending_per_client=2, max_pending_total=3) as server:
+        a = make_client("a", server.port)
+        b = make_client("b", server.port)
+        gate = asyncio.Event()
+
+        async def wait_gate(msg: Message) -> str:
+            await gate.wait()
+            return "done"
+
+        a.handler(wait_gate)
+        b.handler(wait_gate)
+        async with running(a, b):
+            first = [asyncio.ensure_future(server.send_to("a", i, wait_ack=True)) for i in (1, 2)]
+            await asyncio.sleep(0)
+            with pytest.raises(TooManyPending, match="per-peer"):
+                await server.send_to("a", 3, wait_ack=True)
+            third = asyncio.ensure_future(server.send_to("b", 1, wait_ack=True))
+            await asyncio.sleep(0)
+            with pytest.raises(TooManyPending, match="total"):
+                await server.send_to("b", 2, wait_ack=True)
+            ev = await events.wait("send.rejected", reason="too_many_pending")
+            assert ev.msg_id is not None
+            gate.set()
+            assert await asyncio.gather(*first, third) == ["done"] * 3
+            assert len(server.pending) == 0

@@ -209,7 +209,8 @@ async def test_history_survives_a_restart(make_server, make_client, events, db):
             client.handler(lambda m: m.payload)
             async with connected(client):
                 assert await server.send_to("dev-1", round_, wait_ack=True) == round_
-            await events.wait_new("disconnected", role="server", client_id="dev-1")
+                session = events.of("connected", role="server", client_id="dev-1")[-1]
+            await events.wait("disconnected", role="server", session_id=session.session_id)
     # a third instance, never installed, reads what both servers wrote
     reader = HistoryPlugin(db)
     stored = reader.history("dev-1")
@@ -361,7 +362,7 @@ import sys
 from backbone import signals
 from backbone.events import MessageSent
 from plugins.history import HistoryPlugin
-p = HistoryPlugin(sys.argv[1], batch=20, retention_every=0)
+p = HistoryPlugin(sys.argv[1], batch=20, retention_every=0, max_age=None)
 s = object()
 p.install(s)
 for i in range(int(sys.argv[2])):
