@@ -133,6 +133,12 @@ async def backbone_pair() -> Pair:
     )
     cconn.stream_data(0, welcome, False)
     assert cconn.link is not None, "WELCOME was not accepted"
+    # the send-only measurement discards what the server writes, so no CREDIT ever comes
+    # back: measure the send path without the handler window
+    sconn.link.peer_window = None
+    # the receive measurement replays captured frames, so the client's CREDIT would count
+    # messages the server never sent: leave CREDIT out of these path costs
+    cconn.link._credit = lambda: None  # type: ignore[method-assign]
 
     send_to = server.send_to
 
