@@ -55,10 +55,11 @@ log = logging.getLogger("backbone.client")
 
 
 class ConnectError(Exception):
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, goaway: GoAway | None = None) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.goaway = goaway  # the server said when to come back
 
 
 class _ClientConnection(QuicEndpoint):
@@ -384,8 +385,9 @@ class Client(HandlerOwner, PendingOwner):
                 self._conn = conn
                 try:
                     await conn.welcomed
-                except ConnectError:
+                except ConnectError as exc:
                     close_transport(conn)  # refused after the handshake (id, version, …)
+                    exc.goaway = conn.goaway
                     raise
                 return conn
         except TimeoutError:
@@ -430,7 +432,7 @@ class Client(HandlerOwner, PendingOwner):
                             ),
                         )
                     self._conn = None
-                    await self._back_off(attempt, exc.reason, None)
+                    await self._back_off(attempt, exc.reason, exc.goaway)
                     continue
                 attempt = 0
                 self.connects += 1

@@ -58,6 +58,21 @@ class ServerConfig(_Common):
     close_grace: float = Field(
         2.0, ge=0, description="on stop, seconds to let pending results arrive before closing"
     )
+    drain_retry_after: float = Field(
+        1.0, ge=0, description="on stop, GOAWAY tells clients to wait this long at least"
+    )
+    drain_window: float = Field(
+        10.0, ge=0, description="on stop, clients spread their reconnects over this window"
+    )
+    max_new_sessions_per_second: float = Field(
+        300.0, ge=0, description="admission control: new sessions per second (0: unlimited)"
+    )
+    admission_burst: int = Field(
+        100, ge=1, description="admission control: new sessions allowed in one burst"
+    )
+    overload_window: float = Field(
+        5.0, ge=0, description="a refused client is told to retry within this window"
+    )
 
     @model_validator(mode="after")
     def _check_server(self) -> Self:

@@ -233,6 +233,28 @@ class SendRejected(Event):
     msg_id: str | None = None  # set when the MsgID was already assigned
 
 
+class SessionRefused(Event):
+    """The server refused a new session (admission control, or it is shutting down) and
+    told the client when to come back."""
+
+    kind: Literal["session.refused"] = "session.refused"
+    client_id: str
+    peer: str
+    reason: str  # overloaded | shutting_down
+    retry_after: float
+    window: float
+
+
+class GoAwaySent(Event):
+    """The server told a connected client to go away (drain on stop)."""
+
+    kind: Literal["goaway.sent"] = "goaway.sent"
+    client_id: str
+    reason: str
+    retry_after: float
+    window: float
+
+
 class GoAwayReceived(Event):
     kind: Literal["goaway.received"] = "goaway.received"
     client_id: str
@@ -262,6 +284,8 @@ AnyEvent = Annotated[
     | AckFailed
     | LateAckDropped
     | SendRejected
+    | SessionRefused
+    | GoAwaySent
     | GoAwayReceived,
     Field(discriminator="kind"),
 ]
@@ -287,5 +311,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AckFailed,
     LateAckDropped,
     SendRejected,
+    SessionRefused,
+    GoAwaySent,
     GoAwayReceived,
 )

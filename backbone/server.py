@@ -12,6 +12,7 @@ from typing import Any
 from . import propagation, signals
 from ._link import HandlerOwner, Link, PendingOwner
 from ._quic import QuicEndpoint, server_configuration, server_connections, start_server
+from .admission import TokenBucket
 from .config import ServerConfig
 from .errors import (
     BackboneError,
@@ -24,6 +25,7 @@ from .errors import (
 from .events import (
     Connected,
     Disconnected,
+    GoAwaySent,
     HeartbeatReceived,
     HeartbeatTimedOut,
     ProtocolViolated,
@@ -31,6 +33,7 @@ from .events import (
     SendRejected,
     ServerStarted,
     ServerStopped,
+    SessionRefused,
 )
 from .frames import (
     FLAG_WAIT_ACK,
@@ -44,7 +47,7 @@ from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
 from .pending import PendingTable
 from .plugins import Plugin, resolve_plugins
-from .session import HEARTBEAT_STREAM, Credit, Hello, ServerSession
+from .session import HEARTBEAT_STREAM, MSG_STREAM, Credit, Hello, ServerSession
 from .stats import Figures, Stats
 
 log = logging.getLogger("backbone.server")
@@ -123,6 +126,8 @@ class _ServerConnection(QuicEndpoint):
                     link.on_credit(item.processed)
                 elif type(item) is Hello:
                     self.server._accept(self, item, now)
+                    if self.terminated_reported:  # refused
+                        return
                     link = self.link
         except ProtocolViolation as pv:
             self.violation(pv)
@@ -225,6 +230,14 @@ class Server(HandlerOwner, PendingOwner):
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
+    def draining(self) -> bool:
+        return self._closing
+
+    @property
+    def listening(self) -> bool:
+        return self._quic_server is not None and not self._closing
+
+    @property
     def port(self) -> int:
         return self._port
 
@@ -239,6 +252,11 @@ class Server(HandlerOwner, PendingOwner):
         self._loop = asyncio.get_running_loop()
         self.pending = PendingTable(
             self.config.max_pending_per_client, self.config.max_pending_total
+        )
+        self._admission = TokenBucket(
+            self.config.max_new_sessions_per_second,
+            self.config.admission_burst,
+            self._loop.time(),
         )
         self._wall_offset = time.time() - self._loop.time()
         for plugin in self.plugins:
@@ -273,13 +291,27 @@ class Server(HandlerOwner, PendingOwner):
             return
         self._closing = True
         grace = self.config.close_grace if grace is None else grace
+        retry_after, window = self.config.drain_retry_after, self.config.drain_window
         goaway = encode_json_frame(
             FrameType.GOAWAY,
-            {"reason": "server shutting down", "retry_after": 0.5, "window": 2.0},
+            {"reason": "server shutting down", "retry_after": retry_after, "window": window},
         )
+        want = signals.wants(signals.on_goaway)
         for conn in list(self._sessions.values()):
             if conn.link is not None and not conn.link.closed:
                 conn.link.send_control(goaway)
+                if want:
+                    signals.emit(
+                        signals.on_goaway,
+                        self,
+                        GoAwaySent(
+                            role="server",
+                            client_id=conn.link.client_id,
+                            reason="server shutting down",
+                            retry_after=retry_after,
+                            window=window,
+                        ),
+                    )
         waiting = [
             entry.token.future
             for peer in list(self.pending._by_peer.values())
@@ -297,6 +329,9 @@ class Server(HandlerOwner, PendingOwner):
                 proto.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
         self._quic_server.close()
         self._quic_server = None
+        # the socket is closed on the next loop pass: let it go, so the port is free again
+        # when stop() returns
+        await asyncio.sleep(0)
         if self._pending_timer is not None:
             self._pending_timer.cancel()
         if self._sampler is not None:
@@ -322,9 +357,47 @@ class Server(HandlerOwner, PendingOwner):
 
     # --- handler -------------------------------------------------------------------------------
     # --- sessions ------------------------------------------------------------------------------
+    def _refuse(
+        self, conn: _ServerConnection, hello: Hello, reason: str, code: ErrorCode, window: float
+    ) -> None:
+        """Tell a new client to come back later (GOAWAY with a spread window), then close."""
+        retry_after = self.config.drain_retry_after if self._closing else 0.0
+        if not self._closing:
+            retry_after = self._admission.wait_time(self._loop.time())
+        conn.write_now(
+            MSG_STREAM,
+            encode_json_frame(
+                FrameType.GOAWAY,
+                {"reason": reason, "retry_after": retry_after, "window": window},
+            ),
+        )
+        log.info("refusing a session for %r (%s)", hello.client_id, reason)
+        if signals.wants(signals.on_session_refused):
+            signals.emit(
+                signals.on_session_refused,
+                self,
+                SessionRefused(
+                    role="server",
+                    client_id=hello.client_id,
+                    peer=conn.peer_address(),
+                    reason=reason,
+                    retry_after=retry_after,
+                    window=window,
+                ),
+            )
+        conn.shut(reason, code, "come back later")
+
     def _accept(self, conn: _ServerConnection, hello: Hello, now: float) -> None:
         if self._closing:
-            raise ProtocolViolation(ErrorCode.GOING_AWAY, "server is shutting down")
+            self._refuse(
+                conn, hello, "shutting_down", ErrorCode.GOING_AWAY, self.config.drain_window
+            )
+            return
+        if not self._admission.try_take(now):
+            self._refuse(
+                conn, hello, "overloaded", ErrorCode.OVERLOADED, self.config.overload_window
+            )
+            return
         self._session_seq += 1
         session_id = f"{self._server_id}-{self._session_seq}"
         conn.session_id = session_id

@@ -49,7 +49,8 @@ on_ack = _ns.signal("ack", doc="ack.sent, ack.received and ack.late")
 on_ack_timeout = _ns.signal("ack.timed_out")
 on_ack_failed = _ns.signal("ack.failed")
 on_send_rejected = _ns.signal("send.rejected")
-on_goaway = _ns.signal("goaway.received")
+on_goaway = _ns.signal("goaway", doc="goaway.sent (server) and goaway.received (client)")
+on_session_refused = _ns.signal("session.refused")
 
 ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_event,
@@ -71,6 +72,7 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_ack_failed,
     on_send_rejected,
     on_goaway,
+    on_session_refused,
 )
 
 #: failures per receiver name since start; a plugin's health figure
