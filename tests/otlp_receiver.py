@@ -97,7 +97,7 @@ class _Traces(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc
     def __init__(self, rx: OtlpReceiver) -> None:
         self.rx = rx
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+    def Export(self, request: Any, context: Any) -> Any:
         self.rx._got(self.rx.trace_requests, request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -106,7 +106,7 @@ class _Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):  # type: ignore
     def __init__(self, rx: OtlpReceiver) -> None:
         self.rx = rx
 
-    def Export(self, request: Any, context: Any) -> Any:  # noqa: N802 (gRPC method name)
+    def Export(self, request: Any, context: Any) -> Any:
         self.rx._got(self.rx.metrics_requests, request)
         return metrics_service_pb2.ExportMetricsServiceResponse()
 

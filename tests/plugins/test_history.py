@@ -27,6 +27,7 @@ from backbone.events import (
     HeartbeatReceived,
     MessageReceived,
     MessageSent,
+    Role,
     ServerStarted,
 )
 from backbone.plugins import load_plugin, plugin_drops
@@ -42,8 +43,8 @@ from plugins.history import (
 MSG = "ab" * 16
 
 
-def sent(cid: str, at: float, role: str = "server") -> MessageSent:
-    return MessageSent(role=role, msg_id=MSG, client_id=cid, size=1, wait_ack=True, at=at)  # type: ignore[arg-type]
+def sent(cid: str, at: float, role: Role = "server") -> MessageSent:
+    return MessageSent(role=role, msg_id=MSG, client_id=cid, size=1, wait_ack=True, at=at)
 
 
 def emit(sender: object, event: Event) -> None:
@@ -228,8 +229,12 @@ def test_query_filters_and_order(installed):
     plugin, sender = installed()
     for i in range(10):
         emit(sender, sent("c1", 100.0 + i))
-        emit(sender, AckReceived(role="server", msg_id=MSG, client_id="c1", ok=i % 2 == 0,
-                                 latency=0.01, at=100.5 + i))
+        emit(
+            sender,
+            AckReceived(
+                role="server", msg_id=MSG, client_id="c1", ok=i % 2 == 0, latency=0.01, at=100.5 + i
+            ),
+        )
         emit(sender, sent("c2", 100.0 + i, role="client"))
     emit(sender, ServerStarted(role="server", host="h", port=1, at=99.0))
     assert plugin.flush(5)
@@ -254,8 +259,7 @@ def test_heartbeats_are_sampled_and_the_last_is_kept(installed):
     emit(s, Connected(role="server", client_id="c1", session_id="s1", peer="p", at=0.0))
     for i in range(36):
         emit(s, HeartbeatReceived(role="server", client_id="c1", session_id="s1", at=float(i)))
-    emit(s, Disconnected(role="server", client_id="c1", session_id="s1", reason="closed",
-                         at=40.0))
+    emit(s, Disconnected(role="server", client_id="c1", session_id="s1", reason="closed", at=40.0))
     emit(s, Connected(role="server", client_id="c1", session_id="s2", peer="p", at=41.0))
     emit(s, HeartbeatReceived(role="server", client_id="c1", session_id="s2", at=42.0))
     assert plugin.flush(5)
@@ -275,19 +279,21 @@ def test_reducer_is_pure_and_scoped():
     assert apply(v1, sent("c1", 2.0, role="client")) is v1  # another side
     # the old session's end, arriving after the new one started, leaves it connected
     v2 = apply(v1, Connected(role="server", client_id="c1", session_id="s2", peer="p", at=3.0))
-    v3 = apply(v2, Disconnected(role="server", client_id="c1", session_id="s1",
-                                reason="replaced", at=3.1))
+    v3 = apply(
+        v2, Disconnected(role="server", client_id="c1", session_id="s1", reason="replaced", at=3.1)
+    )
     assert v3.connected and v3.session_id == "s2" and v3.disconnect_reasons == {"replaced": 1}
-    v4 = apply(v3, Disconnected(role="server", client_id="c1", session_id="s2",
-                                reason="closed", at=4.0))
+    v4 = apply(
+        v3, Disconnected(role="server", client_id="c1", session_id="s2", reason="closed", at=4.0)
+    )
     assert not v4.connected and v3.disconnect_reasons == {"replaced": 1}
     assert v4.disconnects == 2 and v4.disconnect_reasons == {"replaced": 1, "closed": 1}
     events: list[Event] = [
-        AckReceived(role="server", msg_id=MSG, client_id="c1", ok=False, error_type="E",
-                    latency=0.1, at=5.0),
+        AckReceived(
+            role="server", msg_id=MSG, client_id="c1", ok=False, error_type="E", latency=0.1, at=5.0
+        ),
         AckTimedOut(role="server", msg_id=MSG, client_id="c1", timeout=1.0, at=6.0),
-        MessageReceived(role="server", msg_id=MSG, client_id="c1", size=1, wait_ack=False,
-                        at=7.0),
+        MessageReceived(role="server", msg_id=MSG, client_id="c1", size=1, wait_ack=False, at=7.0),
     ]
     v5 = replay(events, "c1")
     assert (v5.acks_failed, v5.ack_timeouts, v5.messages_received) == (1, 1, 1)
