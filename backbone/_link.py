@@ -150,8 +150,23 @@ class PendingOwner:
             return await fut
         except asyncio.CancelledError:
             # the caller gave up: forget the entry, and treat a later result as late
-            self.pending.abandon(session_id, msg_id)
+            self._abandon(session_id, msg_id)
             raise
+
+    def _abandon(self, session_id: str, msg_id: bytes) -> None:
+        entry = self.pending.abandon(session_id, msg_id)
+        if entry is not None and signals.wants(signals.on_ack_failed):
+            signals.emit(
+                signals.on_ack_failed,
+                self,
+                AckFailed(
+                    role=self.role,
+                    msg_id=msg_id.hex(),
+                    client_id=entry.token.client_id,
+                    reason="cancelled",
+                    latency=self._loop.time() - entry.created_at,
+                ),
+            )
 
 
 class LinkOwner(Protocol):

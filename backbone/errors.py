@@ -132,7 +132,13 @@ def reject_reason(exc: BackboneError) -> str:
         return "backpressure"
     if isinstance(exc, TooManyPending):
         return "too_many_pending"
+    if isinstance(exc, InvalidHeaders):
+        return "invalid_headers"
     return "error"
+
+
+class InvalidHeaders(BackboneError, ValueError):
+    """Message headers that cannot be sent (not strings, or over 8 KiB encoded)."""
 
 
 class ConfigError(BackboneError, ValueError):

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ErrorCode, ProtocolViolation
+from .errors import ErrorCode, InvalidHeaders, ProtocolViolation
 
 PROTOCOL_VERSION = 1
 ALPN = "backbone/1"
@@ -128,11 +128,11 @@ def encode_data_frame(
     """Encode a MESSAGE or RESULT frame (``msg_id`` is 16 bytes)."""
     if not headers:
         return _DATA_HEAD.pack(1 + MSG_HEAD_SIZE + len(body), ftype, flags, msg_id, 0) + body
-    if not all(isinstance(v, str) for v in headers.values()):
-        raise ValueError("header values must be strings")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in headers.items()):
+        raise InvalidHeaders("header names and values must be strings")
     hdr = orjson.dumps(headers)
     if len(hdr) > MAX_HEADERS:
-        raise ValueError(f"headers are {len(hdr)} bytes encoded, the limit is {MAX_HEADERS}")
+        raise InvalidHeaders(f"headers are {len(hdr)} bytes encoded, the limit is {MAX_HEADERS}")
     length = 1 + MSG_HEAD_SIZE + len(hdr) + len(body)
     return b"".join(
         (_LEN.pack(length), bytes((ftype,)), _MSG_HEAD.pack(flags, msg_id, len(hdr)), hdr, body)

@@ -87,8 +87,13 @@ class Plugin:
         self._installed.discard(key)
         self._senders.pop(key, None)
         target = ANY if sender is None else sender
+        last = not self._installed
         for signal, receiver in self.receivers().items():
             signal.disconnect(receiver, sender=target)
+            if last:
+                # blinker keeps a receiver listed after a per-sender disconnect; drop it
+                # entirely so no event is built for nobody
+                signal.disconnect(receiver)
         self.on_uninstall(sender)
 
     @property

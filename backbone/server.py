@@ -569,7 +569,7 @@ class Server(HandlerOwner, PendingOwner):
                 for _sid, f in futures.values():
                     f.cancel()
                 for sid, _f in futures.values():
-                    self.pending.abandon(sid, msg_id)
+                    self._abandon(sid, msg_id)
                 raise
             for client_id, (_sid, fut) in futures.items():
                 failure = fut.exception()
