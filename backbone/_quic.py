@@ -9,6 +9,11 @@ Private attributes used, each wrapped in one small function below:
 * ``QuicConnection._close_event`` — to notice a peer's CONNECTION_CLOSE at once instead
   of after the 3×PTO draining period;
 * ``QuicServer._transport`` — to learn the bound port when listening on port 0;
+* ``QuicConnection._initialize`` / ``tls._request_client_certificate`` — to make the server
+  ask for a client certificate (mutual TLS), and ``tls._peer_certificate`` /
+  ``_peer_certificate_chain`` to read what the client sent (aioquic validates neither; see
+  :mod:`backbone.identity`).  Session tickets are never issued, so no resumed handshake
+  skips the certificate.
 * ``QuicConnectionProtocol._quic`` / ``_transmit_soon`` (protected API meant for subclasses).
 """
 
@@ -265,6 +270,25 @@ async def open_connection(
 def close_transport(protocol: QuicEndpoint) -> None:
     if protocol._transport is not None:
         protocol._transport.close()
+
+
+def request_client_certificate(quic: QuicConnection) -> None:
+    """Make this server-side connection send a TLS CertificateRequest."""
+    original = quic._initialize
+
+    def _initialize(peer_cid: bytes) -> None:
+        original(peer_cid)
+        quic.tls._request_client_certificate = True
+
+    quic._initialize = _initialize  # type: ignore[method-assign]
+
+
+def peer_certificates(quic: QuicConnection) -> tuple[Any, list[Any]]:
+    """The certificate the peer presented (or None) and its intermediates."""
+    tls = getattr(quic, "tls", None)
+    if tls is None:
+        return None, []
+    return tls._peer_certificate, list(tls._peer_certificate_chain or [])
 
 
 def describe_close(error_code: int, reason: str) -> str:

@@ -432,6 +432,14 @@ class Client(HandlerOwner, PendingOwner):
                             ),
                         )
                     self._conn = None
+                    if exc.reason == "auth" and self.config.stop_on_auth_failure:
+                        log.error(
+                            "client %r: the server refused our certificate (%s); "
+                            "stopping as configured",
+                            self.client_id,
+                            exc.detail,
+                        )
+                        break
                     await self._back_off(attempt, exc.reason, exc.goaway)
                     continue
                 attempt = 0

@@ -58,6 +58,12 @@ class ServerConfig(_Common):
     close_grace: float = Field(
         2.0, ge=0, description="on stop, seconds to let pending results arrive before closing"
     )
+    require_client_cert: bool = Field(
+        False, description="mutual TLS: clients must present a certificate from client_cafile"
+    )
+    client_cafile: str | None = Field(
+        None, description="CA bundle that client certificates must chain to (mutual TLS)"
+    )
     drain_retry_after: float = Field(
         1.0, ge=0, description="on stop, GOAWAY tells clients to wait this long at least"
     )
@@ -78,6 +84,8 @@ class ServerConfig(_Common):
     def _check_server(self) -> Self:
         if self.max_pending_per_client > self.max_pending_total:
             raise ValueError("max_pending_per_client cannot exceed max_pending_total")
+        if self.require_client_cert and not self.client_cafile:
+            raise ValueError("require_client_cert needs client_cafile")
         return self
 
 
@@ -98,6 +106,9 @@ class ClientConfig(_Common):
     backoff_max: float = Field(60.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1)
     backoff_jitter: float = Field(0.2, ge=0, lt=1)
+    stop_on_auth_failure: bool = Field(
+        False, description="stop reconnecting when the server refuses our certificate"
+    )
     backoff_reset_after: float = Field(
         30.0, ge=0, description="a connection up this long resets the backoff"
     )

@@ -233,6 +233,18 @@ class SendRejected(Event):
     msg_id: str | None = None  # set when the MsgID was already assigned
 
 
+class AuthenticationFailed(Event):
+    """Mutual TLS: a client's certificate was refused; its connection is closed with
+    AUTH_FAILED.  ``reason``: no_certificate | unknown_ca | expired | not_yet_valid |
+    id_mismatch | invalid."""
+
+    kind: Literal["auth.failed"] = "auth.failed"
+    client_id: str | None
+    peer: str
+    reason: str
+    detail: str
+
+
 class SessionRefused(Event):
     """The server refused a new session (admission control, or it is shutting down) and
     told the client when to come back."""
@@ -284,6 +296,7 @@ AnyEvent = Annotated[
     | AckFailed
     | LateAckDropped
     | SendRejected
+    | AuthenticationFailed
     | SessionRefused
     | GoAwaySent
     | GoAwayReceived,
@@ -311,6 +324,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AckFailed,
     LateAckDropped,
     SendRejected,
+    AuthenticationFailed,
     SessionRefused,
     GoAwaySent,
     GoAwayReceived,

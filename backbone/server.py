@@ -11,7 +11,14 @@ from typing import Any
 
 from . import propagation, signals
 from ._link import HandlerOwner, Link, PendingOwner
-from ._quic import QuicEndpoint, server_configuration, server_connections, start_server
+from ._quic import (
+    QuicEndpoint,
+    peer_certificates,
+    request_client_certificate,
+    server_configuration,
+    server_connections,
+    start_server,
+)
 from .admission import TokenBucket
 from .config import ServerConfig
 from .errors import (
@@ -23,6 +30,7 @@ from .errors import (
     reject_reason,
 )
 from .events import (
+    AuthenticationFailed,
     Connected,
     Disconnected,
     GoAwaySent,
@@ -42,6 +50,13 @@ from .frames import (
     encode_data_frame,
     encode_json_frame,
     encode_payload,
+)
+from .identity import (
+    AuthFailure,
+    ClientIdentity,
+    check_client_id,
+    load_ca_certificates,
+    verify_client_certificate,
 )
 from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
@@ -69,6 +84,9 @@ class _ServerConnection(QuicEndpoint):
             now=now,
         )
         self.link: Link | None = None
+        self.identity: ClientIdentity | None = None
+        if cfg.require_client_cert:
+            request_client_certificate(quic)
         self.session_id = ""
         self.connected_at_wall = 0.0
         self._hb_timer: asyncio.TimerHandle | None = None
@@ -109,6 +127,16 @@ class _ServerConnection(QuicEndpoint):
             self.shut("heartbeat_timeout", verdict.code, verdict.reason)
         else:
             self.violation(verdict)
+
+    def handshake_done(self) -> None:
+        server = self.server
+        if not server.config.require_client_cert:
+            return
+        leaf, chain = peer_certificates(self._quic)
+        try:
+            self.identity = verify_client_certificate(leaf, chain, server._client_cas)
+        except AuthFailure as failure:
+            server._auth_failed(self, None, failure)
 
     # --- input ----------------------------------------------------------------------------
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
@@ -253,6 +281,9 @@ class Server(HandlerOwner, PendingOwner):
         self.pending = PendingTable(
             self.config.max_pending_per_client, self.config.max_pending_total
         )
+        self._client_cas = (
+            load_ca_certificates(self.config.client_cafile) if self.config.client_cafile else []
+        )
         self._admission = TokenBucket(
             self.config.max_new_sessions_per_second,
             self.config.admission_burst,
@@ -357,6 +388,24 @@ class Server(HandlerOwner, PendingOwner):
 
     # --- handler -------------------------------------------------------------------------------
     # --- sessions ------------------------------------------------------------------------------
+    def _auth_failed(
+        self, conn: _ServerConnection, client_id: str | None, failure: AuthFailure
+    ) -> None:
+        log.warning("refusing client %r from %s: %s", client_id, conn.peer_address(), failure)
+        if signals.wants(signals.on_auth_failed):
+            signals.emit(
+                signals.on_auth_failed,
+                self,
+                AuthenticationFailed(
+                    role="server",
+                    client_id=client_id,
+                    peer=conn.peer_address(),
+                    reason=failure.reason,
+                    detail=failure.detail,
+                ),
+            )
+        conn.shut("auth_failed", ErrorCode.AUTH_FAILED, f"{failure.reason}: {failure.detail}")
+
     def _refuse(
         self, conn: _ServerConnection, hello: Hello, reason: str, code: ErrorCode, window: float
     ) -> None:
@@ -393,6 +442,14 @@ class Server(HandlerOwner, PendingOwner):
                 conn, hello, "shutting_down", ErrorCode.GOING_AWAY, self.config.drain_window
             )
             return
+        if self.config.require_client_cert:
+            try:
+                if conn.identity is None:
+                    raise AuthFailure("no_certificate", "no verified client certificate")
+                check_client_id(conn.identity, hello.client_id)
+            except AuthFailure as failure:
+                self._auth_failed(conn, hello.client_id, failure)
+                return
         if not self._admission.try_take(now):
             self._refuse(
                 conn, hello, "overloaded", ErrorCode.OVERLOADED, self.config.overload_window

@@ -51,6 +51,7 @@ on_ack_failed = _ns.signal("ack.failed")
 on_send_rejected = _ns.signal("send.rejected")
 on_goaway = _ns.signal("goaway", doc="goaway.sent (server) and goaway.received (client)")
 on_session_refused = _ns.signal("session.refused")
+on_auth_failed = _ns.signal("auth.failed")
 
 ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_event,
@@ -73,6 +74,7 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_send_rejected,
     on_goaway,
     on_session_refused,
+    on_auth_failed,
 )
 
 #: failures per receiver name since start; a plugin's health figure
