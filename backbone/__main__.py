@@ -429,7 +429,7 @@ def serve(
     except SettingsError as exc:
         raise _config_error(exc) from None
     if print_config:
-        click.echo(settings.to_toml(settings.origins(config_file, flags)), nl=False)
+        click.echo(settings.to_toml(settings.origins(config_file, flags, names)), nl=False)
         return
     if settings.certfile is None:
         raise CliError(
@@ -1370,7 +1370,8 @@ def broadcast_cmd(
             rows.append([cid, mark, detail])
         if rows:
             out(table(["CLIENT", "OUTCOME", "RESULT" if wait_ack else ""], rows))
-        summary = f"{report['clients']} clients: {report['ok']} ok, {report['failed']} failed"
+        n = report["clients"]
+        summary = f"{n} client{'' if n == 1 else 's'}: {report['ok']} ok, {report['failed']} failed"
         err(f"message {report['msg_id']}: {summary}")
     if report["failed"]:
         sys.exit(EXIT_FAILED)

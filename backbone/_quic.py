@@ -9,6 +9,8 @@ Private attributes used, each wrapped in one small function below:
 * ``QuicConnection._close_event`` — to notice a peer's CONNECTION_CLOSE at once instead
   of after the 3×PTO draining period;
 * ``QuicServer._transport`` — to learn the bound port when listening on port 0;
+* ``QuicConnection._initialize`` / ``tls._supported_groups`` — a client offers one key share
+  (X25519) instead of four;
 * ``QuicConnection._initialize`` / ``tls._request_client_certificate`` — to make the server
   ask for a client certificate (mutual TLS), and ``tls._peer_certificate`` /
   ``_peer_certificate_chain`` to read what the client sent (aioquic validates neither; see
@@ -37,6 +39,7 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.tls import Group
 
 from .frames import ALPN
 
@@ -217,6 +220,22 @@ class QuicEndpoint(QuicConnectionProtocol):
         return self._loop.time()
 
 
+UDP_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_buffers(sock: socket.socket | None, size: int) -> None:
+    """Bigger kernel buffers: a burst of handshakes or a busy loop overflows the default
+    208 KiB receive buffer and every dropped packet costs a QUIC retransmission timeout.
+    Best effort (the kernel caps it at net.core.rmem_max)."""
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+        except OSError:
+            log.debug("could not set socket buffer option %s", opt)
+
+
 async def start_server(
     host: str,
     port: int,
@@ -224,6 +243,8 @@ async def start_server(
     create_protocol: Callable[..., QuicEndpoint],
 ) -> tuple[QuicServer, int]:
     server = await serve(host, port, configuration=configuration, create_protocol=create_protocol)
+    if server._transport is not None:
+        _grow_buffers(server._transport.get_extra_info("socket"), UDP_BUFFER)
     sockname = server._transport.get_extra_info("sockname") if server._transport else None
     bound = int(sockname[1]) if sockname else port
     return server, bound
@@ -248,10 +269,12 @@ async def open_connection(
     try:
         sock.bind(("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
         sock.connect(addr)  # a connected UDP socket reports ICMP port unreachable
+        _grow_buffers(sock, UDP_BUFFER // 4)
     except OSError:
         sock.close()
         raise
     connection = QuicConnection(configuration=configuration)
+    offer_one_key_share(connection)
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: create_protocol(connection), sock=sock
     )
@@ -270,6 +293,20 @@ async def open_connection(
 def close_transport(protocol: QuicEndpoint) -> None:
     if protocol._transport is not None:
         protocol._transport.close()
+
+
+def offer_one_key_share(quic: QuicConnection) -> None:
+    """Client side: offer only an X25519 key share.  aioquic's client otherwise generates a
+    key for every group it supports (P-256, P-384, X25519, X448) on every connect, which
+    triples the client's handshake CPU — and a reconnect storm is all handshakes.  The
+    backbone server (aioquic) supports X25519."""
+    original = quic._initialize
+
+    def _initialize(peer_cid: bytes) -> None:
+        original(peer_cid)
+        quic.tls._supported_groups = [Group.X25519]
+
+    quic._initialize = _initialize  # type: ignore[method-assign]
 
 
 def request_client_certificate(quic: QuicConnection) -> None:

@@ -101,7 +101,7 @@ class ClientConfig(_Common):
     )
     keyfile: str | None = None
     max_pending: int = Field(1000, ge=1, description="results pending from the server")
-    connect_timeout: float = Field(10.0, gt=0)
+    connect_timeout: float = Field(20.0, gt=0, description="handshake + HELLO/WELCOME, seconds")
     backoff_initial: float = Field(1.0, gt=0)
     backoff_max: float = Field(60.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1)

@@ -262,7 +262,7 @@ class _Layered(BaseSettings):
         flag_names: Mapping[str, str],
     ) -> str:
         if field in given:
-            return flag_names.get(field, f"--set {field}=…")
+            return flag_names.get(field, f"--set {field}")
         if cls.env_name(field) in {k.upper() for k in os.environ}:
             return cls.env_name(field)
         if field in toml:
@@ -300,14 +300,19 @@ class _Layered(BaseSettings):
             problems.append(f"{name} = {value!r} (from {origin}): {msg}")
         return problems
 
-    def origins(self, config_file: str | Path | None, flags: Mapping[str, Any]) -> dict[str, str]:
+    def origins(
+        self,
+        config_file: str | Path | None,
+        flags: Mapping[str, Any],
+        flag_names: Mapping[str, str] | None = None,
+    ) -> dict[str, str]:
         """Where each field's effective value came from (for ``--print-config``)."""
         toml: dict[str, Any] = {}
         if config_file is not None:
             toml = self.toml_layer(read_toml(config_file), str(config_file))
         given = {k: v for k, v in flags.items() if v is not None}
         return {
-            name: self._origin(name, toml, str(config_file or ""), given, {})
+            name: self._origin(name, toml, str(config_file or ""), given, flag_names or {})
             for name in type(self).model_fields
         }
 

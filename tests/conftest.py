@@ -83,7 +83,7 @@ def events() -> Any:
 def make_server(certs: DevCerts) -> Callable[..., Any]:
     @contextlib.asynccontextmanager
     async def factory(**kw: Any) -> AsyncIterator[Server]:
-        opts: dict[str, Any] = dict(FAST)
+        opts: dict[str, Any] = dict(FAST, drain_retry_after=0.1, drain_window=0.5)
         opts.update(kw)
         server = Server(
             "127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key), **opts
