@@ -138,7 +138,7 @@ def age(seconds: float | None) -> str:
     return f"{int(s // 86400)}d{int(s % 86400 // 3600):02d}h"
 
 
-def since(timestamp: float | None) -> str:
+def ago(timestamp: float | None) -> str:
     return "-" if timestamp is None else age(time.time() - timestamp)
 
 
@@ -437,7 +437,9 @@ def serve(
             "or --certfile, or --certs DIR (`backbone certs init` makes development ones)",
             EXIT_USAGE,
         )
-    problems = missing_files(certfile=settings.certfile, keyfile=settings.keyfile)
+    problems = missing_files(
+        certfile=settings.certfile, keyfile=settings.keyfile, client_cafile=settings.client_cafile
+    )
     if problems:
         raise CliError("; ".join(problems), EXIT_USAGE)
     _setup_logging(settings.log_level)
@@ -624,8 +626,6 @@ async def run_command(
 
 
 def _show_message(msg: Message) -> None:
-    import orjson
-
     from .admin import dumps
 
     if sys.stdout.isatty():
@@ -635,7 +635,7 @@ def _show_message(msg: Message) -> None:
         out(f"{stamp} {click.style(msg.msg_id[:12], fg='cyan')}{flag} {body}")
     else:
         line = {"msg_id": msg.msg_id, "wait_ack": msg.wait_ack, "payload": msg.payload}
-        out(dumps(orjson.loads(dumps(line))).decode())
+        out(dumps(line).decode())
     sys.stdout.flush()
 
 
@@ -738,6 +738,7 @@ def client_cmd(
 
 
 async def _client(settings: ClientSettings) -> int:
+    from . import signals
     from .client import Client
 
     plugins = _build_plugins(settings.plugins, settings.plugin_options)
@@ -755,6 +756,16 @@ async def _client(settings: ClientSettings) -> int:
         return {"ok": True}
 
     stop = asyncio.Event()
+    gave_up = False
+
+    def on_state(sender: Any, event: Any) -> None:
+        # the client stopped by itself (e.g. stop_on_auth_failure): so does the command
+        nonlocal gave_up
+        if event.new == "closed" and not stop.is_set():
+            gave_up = True
+            stop.set()
+
+    signals.on_state_changed.connect(on_state, sender=client, weak=False)
     _install_stop_signals(stop, "closing")
     log.info(
         "client %r: connecting to %s:%d%s",
@@ -763,8 +774,14 @@ async def _client(settings: ClientSettings) -> int:
         settings.port,
         f", running {command!r} for each message" if command else "",
     )
-    async with client:
-        await stop.wait()
+    try:
+        async with client:
+            await stop.wait()
+    finally:
+        signals.on_state_changed.disconnect(on_state, sender=client)
+    if gave_up:
+        log.error("client %r gave up; exiting", settings.client_id)
+        return EXIT_FAILED
     log.info("stopped")
     return EXIT_OK
 
@@ -798,8 +815,8 @@ def clients_table(infos: list[dict[str, Any]]) -> str:
         [
             click.style(str(c["client_id"]), fg="cyan"),
             str(c["remote_address"]),
-            since(c["connected_at"]),
-            since(c["last_heartbeat_at"]),
+            ago(c["connected_at"]),
+            ago(c["last_heartbeat_at"]),
             millis(c["rtt"]),
             _highlight(c["pending_acks"]),
             size(c["outbound_buffered"]),
@@ -1156,12 +1173,12 @@ def client_info_cmd(client_id: str, admin_url: str, token: str | None, as_json: 
         ("client", str(info["client_id"])),
         ("session", str(info["session_id"])),
         ("remote address", str(info["remote_address"])),
-        ("connected", f"{clock(info['connected_at'])} ({since(info['connected_at'])} ago)"),
+        ("connected", f"{clock(info['connected_at'])} ({ago(info['connected_at'])} ago)"),
         (
             "last heartbeat",
             "-"
             if info["last_heartbeat_at"] is None
-            else f"{since(info['last_heartbeat_at'])} ago ({info['heartbeats']} in all)",
+            else f"{ago(info['last_heartbeat_at'])} ago ({info['heartbeats']} in all)",
         ),
         ("rtt", millis(info["rtt"])),
         ("pending results", _highlight(int(info["pending_acks"]))),
@@ -1263,7 +1280,7 @@ def _fmt_view(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key.endswith("_at") or key.endswith("_since"):
-        return f"{clock(float(value))} ({since(float(value))} ago)"
+        return f"{clock(float(value))} ({ago(float(value))} ago)"
     if isinstance(value, dict):
         return ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
     return str(value)

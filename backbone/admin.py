@@ -304,13 +304,7 @@ def find_plugin(server: Server, name: str) -> Any | None:
 
 def server_state(server: Server) -> tuple[bool, bool]:
     """(listening, draining)."""
-    draining = getattr(server, "draining", None)
-    if draining is None:
-        draining = server._closing
-    listening = getattr(server, "listening", None)
-    if listening is None:
-        listening = server._quic_server is not None and not draining
-    return bool(listening), bool(draining)
+    return server.listening, server.draining
 
 
 def client_json(info: ClientInfo) -> dict[str, Any]:
