@@ -242,7 +242,7 @@ def test_query_filters_and_order(installed):
     assert len(everything) == 20 and [e.at for e in everything] == sorted(e.at for e in everything)
     last = plugin.history("c1", limit=3)  # the most recent three, oldest first
     assert [e.at for e in last] == [108.5, 109.0, 109.5]
-    acks = plugin.history("c1", kinds=["ack.*"])
+    acks = plugin.history("c1", kinds="ack.*")
     assert len(acks) == 10 and all(isinstance(e, AckReceived) for e in acks)
     window = plugin.history("c1", since=103.0, until=105.0)
     assert [e.at for e in window] == [103.0, 103.5, 104.0, 104.5]
@@ -438,9 +438,9 @@ async def test_a_full_queue_drops_and_counts_but_never_blocks_delivery(
     gate = threading.Event()
     write = plugin._write
 
-    def stuck(batch: list[Event]) -> None:
+    def stuck(conn: Any, batch: list[Event]) -> None:
         gate.wait(10)
-        write(batch)
+        write(conn, batch)
 
     plugin._write = stuck  # type: ignore[method-assign]
     drops_before = plugin_drops["history"]
@@ -485,3 +485,19 @@ async def test_a_failing_receiver_never_disturbs_delivery(
         signals.receiver_failures[name] = before
         if not before:
             del signals.receiver_failures[name]
+
+
+def test_live_views_of_departed_clients_are_forgotten(installed):
+    plugin, s = installed(max_live=10)
+    emit(s, Connected(role="server", client_id="stay", session_id="s", peer="p", at=1.0))
+    for i in range(30):
+        cid = f"c{i:02d}"
+        emit(s, Connected(role="server", client_id=cid, session_id=cid, peer="p", at=2.0 + i))
+        emit(
+            s,
+            Disconnected(role="server", client_id=cid, session_id=cid, reason="closed", at=2.5 + i),
+        )
+    live = plugin.live_clients()
+    assert len(live) <= 10 and "stay" in live and "c29" in live
+    assert plugin.flush(5)
+    assert len(plugin.clients()) == 31  # the store keeps them all
