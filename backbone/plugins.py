@@ -29,6 +29,7 @@ by a thread, whose drops are counted and logged, never silent.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -118,9 +119,31 @@ def load_plugin(name: str, **options: Any) -> Plugin:
     return plugin
 
 
+def parse_plugin_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"history:path=/var/lib/bb.sqlite3:max_rows=1000000"`` → name and options (values
+    are JSON when they parse as JSON, else strings)."""
+    name, *pairs = spec.strip().split(":")
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"plugin option {pair!r} in {spec!r} is not key=value")
+        try:
+            options[key.strip()] = json.loads(raw)
+        except ValueError:
+            options[key.strip()] = raw
+    return name.strip(), options
+
+
 def plugins_from_env(environ: dict[str, str] | None = None) -> list[Plugin]:
-    names = (os.environ if environ is None else environ).get(ENV_VAR, "")
-    return [load_plugin(n.strip()) for n in names.split(",") if n.strip()]
+    """``BACKBONE_PLUGINS=logging,metrics,history:path=/var/lib/bb.sqlite3``"""
+    specs = (os.environ if environ is None else environ).get(ENV_VAR, "")
+    out = []
+    for spec in specs.split(","):
+        if spec.strip():
+            name, options = parse_plugin_spec(spec)
+            out.append(load_plugin(name, **options))
+    return out
 
 
 def resolve_plugins(plugins: Iterable[Plugin | str] | None) -> list[Plugin]:
@@ -152,21 +175,27 @@ class BoundedWorker(Generic[T]):
     ) -> None:
         self.name = name
         self._handle = handle
-        self._queue: queue.Queue[T | None] = queue.Queue(maxsize)
+        self._queue: queue.Queue[T] = queue.Queue(maxsize)
         self._batch = batch
         self._interval = interval
         self._last_drop_log = 0.0
         self.dropped = 0
         self.failed_batches = 0
         self.handled = 0
-        self._idle = threading.Event()
-        self._idle.set()
+        self._accepted = 0  # items put; ``_finished`` counts those handled (or failed)
+        self._finished = 0
+        self._progress = threading.Condition()
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"backbone-{name}", daemon=True)
         self._thread.start()
 
+    @property
+    def backlog(self) -> int:
+        """Items accepted and not yet handled."""
+        return self._accepted - self._finished
+
     def put(self, item: T) -> None:
         try:
-            self._idle.clear()
             self._queue.put_nowait(item)
         except queue.Full:
             self.dropped += 1
@@ -181,6 +210,8 @@ class BoundedWorker(Generic[T]):
                     self._queue.maxsize,
                     self.dropped,
                 )
+            return
+        self._accepted += 1
 
     def _run(self) -> None:
         q = self._queue
@@ -188,51 +219,41 @@ class BoundedWorker(Generic[T]):
             try:
                 first = q.get(timeout=self._interval)
             except queue.Empty:
-                self._idle.set()
+                if self._stop.is_set():
+                    return
                 continue
-            items: list[T] = []
-            stop = first is None
-            if first is not None:
-                items.append(first)
-            while len(items) < self._batch and not stop:
+            items: list[T] = [first]
+            while len(items) < self._batch:
                 try:
-                    item = q.get_nowait()
+                    items.append(q.get_nowait())
                 except queue.Empty:
                     break
-                if item is None:
-                    stop = True
-                else:
-                    items.append(item)
-            if items:
-                try:
-                    self._handle(items)
-                    self.handled += len(items)
-                except Exception:
-                    self.failed_batches += 1
-                    log.exception("plugin %s failed on a batch of %d", self.name, len(items))
-            if q.empty():
-                self._idle.set()
-            if stop:
-                self._idle.set()
-                return
+            try:
+                self._handle(items)
+                self.handled += len(items)
+            except Exception:
+                self.failed_batches += 1
+                log.exception("plugin %s failed on a batch of %d", self.name, len(items))
+            with self._progress:
+                self._finished += len(items)
+                self._progress.notify_all()
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued so far was handled."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._queue.empty() and self._idle.wait(0.05) and self._queue.empty():
-                return True
-        return False
+        """Wait until everything accepted so far was handled; False on timeout."""
+        target = self._accepted
+        with self._progress:
+            return self._progress.wait_for(lambda: self._finished >= target, timeout)
 
     def close(self, timeout: float = 5.0) -> None:
+        """Drain what is queued (up to ``timeout``), then stop the thread.  Never blocks
+        on a full queue."""
         if not self._thread.is_alive():
             return
-        try:
-            self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            log.warning("plugin %s: queue full at close, dropping the rest", self.name)
-            return
-        self._thread.join(timeout)
+        self.flush(timeout)
+        self._stop.set()
+        self._thread.join(timeout + self._interval)
+        if self.backlog:
+            log.warning("plugin %s closed with %d events not written", self.name, self.backlog)
 
 
 def names(plugins: Sequence[Plugin]) -> list[str]:

@@ -85,6 +85,14 @@ _last_logged: dict[str, float] = {}
 _LOG_EVERY = 10.0
 
 
+def receiver_name(receiver: Any) -> str:
+    """The key of a receiver in :data:`receiver_failures`: its qualified name, plus the
+    instance for bound methods (one count per plugin instance, not per class)."""
+    name = getattr(receiver, "__qualname__", repr(receiver))
+    owner = getattr(receiver, "__self__", None)
+    return f"{name}@{id(owner):x}" if owner is not None else str(name)
+
+
 def wants(signal: NamedSignal) -> bool:
     """True if building an event for ``signal`` is worth it (someone listens)."""
     return bool(signal.receivers) or bool(on_event.receivers)
@@ -97,7 +105,7 @@ def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
         try:
             receiver(sender, event=event)
         except Exception:
-            name = getattr(receiver, "__qualname__", repr(receiver))
+            name = receiver_name(receiver)
             receiver_failures[name] += 1
             if receiver_failures[name] >= MAX_RECEIVER_FAILURES:
                 signal.disconnect(receiver)
@@ -122,4 +130,5 @@ def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
 def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
     """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated."""
     _deliver(signal, sender, event)
-    _deliver(on_event, sender, event)
+    if signal is not on_event:
+        _deliver(on_event, sender, event)

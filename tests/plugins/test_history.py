@@ -468,7 +468,7 @@ async def test_a_failing_receiver_never_disturbs_delivery(
 
     monkeypatch.setattr(history_mod, "apply", broken)
     plugin = HistoryPlugin(db)
-    name = "HistoryPlugin._on_event"
+    name = signals.receiver_name(plugin._on_event)
     before = signals.receiver_failures[name]
     try:
         async with make_server(plugins=[plugin]) as server:
