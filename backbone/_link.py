@@ -37,6 +37,7 @@ from .events import (
     MessageProcessed,
     MessageReceived,
     MessageSent,
+    ProtocolViolated,
     Role,
 )
 from .frames import (
@@ -167,6 +168,35 @@ class PendingOwner:
                     latency=self._loop.time() - entry.created_at,
                 ),
             )
+
+
+def report_violation(
+    owner: Any, endpoint: QuicEndpoint, client_id: str | None, pv: ProtocolViolation
+) -> None:
+    """The peer broke the protocol: log it, emit ``protocol.violated`` and close the
+    connection with the violation's code.  Only that connection is affected."""
+    peer = endpoint.peer_address()
+    logging.getLogger(f"backbone.{owner.role}").warning(
+        "closing the connection with %s (client %r): %s %s",
+        peer,
+        client_id,
+        pv.code.name,
+        pv.reason,
+    )
+    if signals.wants(signals.on_protocol_error):
+        signals.emit(
+            signals.on_protocol_error,
+            owner,
+            ProtocolViolated(
+                role=owner.role,
+                client_id=client_id,
+                peer=peer,
+                code=int(pv.code),
+                code_name=pv.code.name,
+                reason=pv.reason,
+            ),
+        )
+    endpoint.shut(pv.code.reason_name, pv.code, pv.reason)
 
 
 class LinkOwner(Protocol):

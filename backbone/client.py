@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import HandlerOwner, Link, PendingOwner
+from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
     CRYPTO_ERROR_BASE,
     CRYPTO_ERROR_MAX,
@@ -37,7 +37,6 @@ from .events import (
     GoAwayReceived,
     HeartbeatAcknowledged,
     HeartbeatTimedOut,
-    ProtocolViolated,
     ReconnectScheduled,
     Role,
     SendRejected,
@@ -174,21 +173,7 @@ class _ClientConnection(QuicEndpoint):
                             ),
                         )
         except ProtocolViolation as pv:
-            log.warning("server broke the protocol: %s", pv)
-            if signals.wants(signals.on_protocol_error):
-                signals.emit(
-                    signals.on_protocol_error,
-                    self.client,
-                    ProtocolViolated(
-                        role="client",
-                        client_id=self.client.client_id,
-                        peer=self.peer_address(),
-                        code=int(pv.code),
-                        code_name=pv.code.name,
-                        reason=pv.reason,
-                    ),
-                )
-            self.shut(pv.code.reason_name, pv.code, pv.reason)
+            report_violation(self.client, self, self.client.client_id, pv)
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self._hb_timer is not None:

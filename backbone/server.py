@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import HandlerOwner, Link, PendingOwner
+from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
     QuicEndpoint,
     peer_certificates,
@@ -36,7 +36,6 @@ from .events import (
     GoAwaySent,
     HeartbeatReceived,
     HeartbeatTimedOut,
-    ProtocolViolated,
     Role,
     SendRejected,
     ServerStarted,
@@ -174,28 +173,7 @@ class _ServerConnection(QuicEndpoint):
                 )
 
     def violation(self, pv: ProtocolViolation) -> None:
-        client_id = self.link.client_id if self.link else None
-        log.warning(
-            "closing connection from %s (client %r): %s %s",
-            self.peer_address(),
-            client_id,
-            pv.code.name,
-            pv.reason,
-        )
-        if signals.wants(signals.on_protocol_error):
-            signals.emit(
-                signals.on_protocol_error,
-                self.server,
-                ProtocolViolated(
-                    role="server",
-                    client_id=client_id,
-                    peer=self.peer_address(),
-                    code=int(pv.code),
-                    code_name=pv.code.name,
-                    reason=pv.reason,
-                ),
-            )
-        self.shut(pv.code.reason_name, pv.code, pv.reason)
+        report_violation(self.server, self, self.link.client_id if self.link else None, pv)
 
     # --- teardown ----------------------------------------------------------------------------
 
