@@ -74,8 +74,11 @@ CASES: list[tuple[str, list[tuple[int, bytes]], ErrorCode]] = [
     ),
     ("unknown stream", [(0, hello()), (8, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
     ("ping before hello", [(4, encode_ping(1))], ErrorCode.PROTOCOL_ERROR),
-    ("credit for messages never sent", [(0, hello()), (0, encode_credit(5))],
-     ErrorCode.PROTOCOL_ERROR),
+    (
+        "credit for messages never sent",
+        [(0, hello()), (0, encode_credit(5))],
+        ErrorCode.PROTOCOL_ERROR,
+    ),
     ("credit before hello", [(0, encode_credit(0))], ErrorCode.PROTOCOL_ERROR),
     (
         "not json payload",

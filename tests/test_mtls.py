@@ -23,9 +23,13 @@ def _issue_client(certs, tmp_path: Path, name: str, **kw) -> tuple[str, str]:
     cert, ckey = issue(ca, key, name, client=True, **kw)
     cp, kp = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     write_pem(cert, cp)
-    kp.write_bytes(ckey.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+    kp.write_bytes(
+        ckey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return str(cp), str(kp)
 
 
@@ -33,6 +37,7 @@ def _issue_client(certs, tmp_path: Path, name: str, **kw) -> tuple[str, str]:
 def mtls_server(make_server, certs):
     def factory(**kw):
         return make_server(require_client_cert=True, client_cafile=str(certs.ca_cert), **kw)
+
     return factory
 
 
@@ -91,8 +96,7 @@ async def test_id_not_matching_the_certificate(mtls_server, make_client, events,
         await refused(server, client, events, "id_mismatch")
 
 
-async def test_client_can_be_told_to_stop_after_an_auth_failure(mtls_server, make_client,
-                                                               events):
+async def test_client_can_be_told_to_stop_after_an_auth_failure(mtls_server, make_client, events):
     async with mtls_server() as server:
         client = make_client("dev-1", server.port, stop_on_auth_failure=True)
         async with client:
@@ -107,13 +111,18 @@ async def test_expired_server_certificate_is_a_tls_failure(make_client, events, 
     ca = load_pem_x509_certificate(certs.ca_cert.read_bytes())
     key = serialization.load_pem_private_key(certs.ca_key.read_bytes(), None)
     long_ago = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
-    scert, skey = issue(ca, key, "localhost", server_names=["localhost"], not_before=long_ago,
-                        days=30)
+    scert, skey = issue(
+        ca, key, "localhost", server_names=["localhost"], not_before=long_ago, days=30
+    )
     sp, kp = tmp_path / "old.pem", tmp_path / "old.key"
     write_pem(scert, sp)
-    kp.write_bytes(skey.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+    kp.write_bytes(
+        skey.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     async with Server("127.0.0.1", 0, certfile=str(sp), keyfile=str(kp)) as server:
         client = make_client("dev-1", server.port)
         async with client:
