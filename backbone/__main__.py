@@ -937,7 +937,12 @@ async def _demo(n_clients: int, port: int) -> int:
                     await server.send_to(f"device-{i % n_clients + 1}", {"op": i}, wait_ack=True)
 
             t0 = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(1000)))
+            live = asyncio.ensure_future(_live_figures(server))
+            try:
+                await asyncio.gather(*(one(i) for i in range(1000)))
+            finally:
+                live.cancel()
+                await asyncio.gather(live, return_exceptions=True)
             dt = time.perf_counter() - t0
             click.echo(f"  1000 results in {dt:.2f} s ({1000 / dt:,.0f}/s)")
 
@@ -957,6 +962,32 @@ async def _demo(n_clients: int, port: int) -> int:
         signals.on_event.disconnect(_print_event)
     click.echo("== done")
     return 0
+
+
+async def _live_figures(server: Server, every: float = 0.25) -> None:
+    """One line of live figures, rewritten in place on a terminal (a line per second when
+    piped), until cancelled."""
+    tty = sys.stdout.isatty()
+    shown = 0.0
+    try:
+        while True:
+            await asyncio.sleep(every)
+            s = server.stats()
+            avg = f"{s.ack_latency_avg * 1000:.2f}" if s.ack_latency_avg is not None else "-"
+            p99 = f"{s.ack_latency_p99 * 1000:.2f}" if s.ack_latency_p99 is not None else "-"
+            line = (
+                f"  live: {s.connections} clients  {s.msgs_out_per_s:,.0f} msg/s out  "
+                f"{s.msgs_in_per_s:,.0f} msg/s in  {s.pending_acks} pending  "
+                f"ack avg {avg} ms  p99 {p99} ms"
+            )
+            if tty:
+                click.echo("\r" + line.ljust(100), nl=False)
+            elif time.monotonic() - shown >= 1.0:
+                shown = time.monotonic()
+                click.echo(line)
+    finally:
+        if tty:
+            click.echo("")
 
 
 def _indent(text: str) -> str:
