@@ -45,7 +45,7 @@ from .events import (
 from .frames import FLAG_WAIT_ACK, DataFrame, FrameType, encode_data_frame, encode_payload
 from .ids import MsgIdGenerator
 from .pending import PendingTable
-from .plugins import Plugin, resolve_plugins
+from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
 from .session import ClientSession, Credit, GoAway, PongReceived, Welcome
 from .state import ClientState, check_transition
 from .stats import Figures
@@ -311,7 +311,7 @@ class Client(HandlerOwner, PendingOwner):
         self.pending = PendingTable(self.config.max_pending, self.config.max_pending)
         self._connected_event = asyncio.Event()
         for plugin in self.plugins:
-            plugin.install(self)
+            install_plugin(plugin, self)
         self._task = self._loop.create_task(self._run(), name=f"backbone-client-{self.client_id}")
 
     async def close(self) -> None:
@@ -325,7 +325,7 @@ class Client(HandlerOwner, PendingOwner):
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         for plugin in reversed(self.plugins):
-            plugin.uninstall(self)
+            uninstall_plugin(plugin, self)
 
     async def __aenter__(self) -> Client:
         await self.start()

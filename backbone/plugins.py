@@ -102,6 +102,26 @@ class Plugin:
         return bool(self._installed)
 
 
+def install_plugin(plugin: Plugin, sender: Any) -> None:
+    """Install, isolated: a plugin whose install hook raises is logged and left out; it
+    never stops a server or client from starting."""
+    try:
+        plugin.install(sender)
+    except Exception:
+        log.exception("plugin %s failed to install; running without it", plugin.name)
+        try:
+            plugin.uninstall(sender)
+        except Exception:
+            log.exception("plugin %s failed to uninstall", plugin.name)
+
+
+def uninstall_plugin(plugin: Plugin, sender: Any) -> None:
+    try:
+        plugin.uninstall(sender)
+    except Exception:
+        log.exception("plugin %s failed to uninstall", plugin.name)
+
+
 def available_plugins() -> dict[str, Any]:
     """Entry points of the ``backbone.plugins`` group, by name."""
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -60,7 +60,7 @@ from .identity import (
 from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
 from .pending import PendingTable
-from .plugins import Plugin, resolve_plugins
+from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
 from .session import HEARTBEAT_STREAM, MSG_STREAM, Credit, Hello, ServerSession
 from .stats import Figures, Stats
 
@@ -269,7 +269,7 @@ class Server(HandlerOwner, PendingOwner):
         )
         self._wall_offset = time.time() - self._loop.time()
         for plugin in self.plugins:
-            plugin.install(self)
+            install_plugin(plugin, self)
         cfg = self.config
         qconf = server_configuration(cfg.certfile or "", cfg.keyfile, cfg.quic_idle_timeout)
         self._quic_server, self._port = await start_server(
@@ -355,7 +355,7 @@ class Server(HandlerOwner, PendingOwner):
                 ),
             )
         for plugin in reversed(self.plugins):
-            plugin.uninstall(self)
+            uninstall_plugin(plugin, self)
 
     async def __aenter__(self) -> Server:
         await self.start()

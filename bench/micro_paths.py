@@ -69,6 +69,7 @@ class Pair:
 
 async def backbone_pair() -> Pair:
     from backbone import Client, Server
+    from backbone.admission import TokenBucket
     from backbone.client import _ClientConnection
     from backbone.frames import FrameType, encode_json_frame
     from backbone.pending import PendingTable
@@ -83,6 +84,8 @@ async def backbone_pair() -> Pair:
     server._loop = loop
     scfg = server.config
     server.pending = PendingTable(scfg.max_pending_per_client, scfg.max_pending_total)
+    server._admission = TokenBucket(0.0, 1, loop.time())  # unlimited: one session here
+    server._client_cas = []
     client = Client(CLIENT_ID, "127.0.0.1", 4433)
     client._loop = loop
     client.pending = PendingTable(client.config.max_pending, client.config.max_pending)
