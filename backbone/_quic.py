@@ -147,6 +147,9 @@ class QuicEndpoint(QuicConnectionProtocol):
         # ICMP port unreachable on a connected client socket: nobody listens there
         if isinstance(exc, ConnectionRefusedError):
             self.refused = True
+            if not self.ready.done():  # still connecting: fail now, not at the timeout
+                self.ready.set_exception(ConnectionRefusedError("nothing listens there"))
+                self.ready.exception()
 
     def _report_terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self.terminated_reported:
