@@ -17,6 +17,19 @@ class HeartbeatMonitor:
     misses: int
     last_heartbeat_at: float
     count: int = 0
+    #: pings allowed within one interval before it counts as a flood
+    flood_limit: int = 32
+    _window_start: float = 0.0
+    _window_count: int = 0
+
+    def flooding(self, now: float) -> bool:
+        """Count a ping; True once more than ``flood_limit`` arrived within one interval
+        (a client pings once per interval)."""
+        if now - self._window_start >= self.interval:
+            self._window_start = now
+            self._window_count = 0
+        self._window_count += 1
+        return self._window_count > self.flood_limit
 
     @property
     def timeout(self) -> float:

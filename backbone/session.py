@@ -161,6 +161,12 @@ class ServerSession(_Streams):
                     )
                 if self.state != "open":
                     raise ProtocolViolation(ErrorCode.PROTOCOL_ERROR, "PING before HELLO")
+                if self.heartbeat.flooding(now):
+                    raise ProtocolViolation(
+                        ErrorCode.PROTOCOL_ERROR,
+                        f"ping flood: more than {self.heartbeat.flood_limit} pings in one "
+                        f"heartbeat interval ({self.heartbeat.interval:g} s)",
+                    )
                 self.heartbeat.record(now)
                 self._out.append((HEARTBEAT_STREAM, encode_pong(parse_u64(ftype, body))))
             return []

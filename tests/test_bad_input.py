@@ -173,3 +173,53 @@ async def test_goaway_is_sent_on_stop_even_with_nothing_pending(make_server, mak
             assert ev.retry_after >= 0 and ev.window > 0
             sched = await events.wait("reconnect.scheduled")
             assert ev.retry_after <= sched.delay <= ev.retry_after + ev.window
+
+
+async def _raw_peer(port: int, certs: Any) -> RawPeer:
+    conf = client_configuration(
+        server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
+    )
+    peer = await open_connection("127.0.0.1", port, conf, RawPeer)
+    assert isinstance(peer, RawPeer)
+    return peer
+
+
+async def test_ping_flood_and_many_streams_are_closed_others_unaffected(
+    make_server, make_client, events, certs
+):
+    async with make_server() as server:
+        good = make_client("good", server.port)
+        good.handler(lambda m: m.payload)
+        async with running(good):
+            flooder = await _raw_peer(server.port, certs)
+            flooder.write(0, hello("flooder"))
+            await events.wait("connected", role="server", client_id="flooder")
+            flooder.write(4, b"".join(encode_ping(i) for i in range(5000)))
+            code, reason = await asyncio.wait_for(flooder.closed_code, 5)
+            assert code == ErrorCode.PROTOCOL_ERROR and "ping flood" in reason
+            streams = await _raw_peer(server.port, certs)
+            streams.write(0, hello("streams"))
+            for i in range(100):  # client-initiated bidirectional streams 8, 12, 16, ...
+                streams.write(8 + 4 * i, encode_ping(i))
+            code, reason = await asyncio.wait_for(streams.closed_code, 5)
+            assert code == ErrorCode.PROTOCOL_ERROR and "unexpected stream" in reason
+            for i in range(10):
+                assert await server.send_to("good", i, wait_ack=True, timeout=2) == i
+            assert not events.of("disconnected", client_id="good")
+
+
+async def test_burst_of_silent_handshakes_is_cleaned_up_control_client_unaffected(
+    make_server, make_client, events, certs
+):
+    async with make_server(hello_timeout=0.5) as server:
+        good = make_client("good", server.port)
+        good.handler(lambda m: m.payload)
+        async with running(good):
+            peers = await asyncio.gather(*(_raw_peer(server.port, certs) for _ in range(30)))
+            for i in range(20):
+                assert await server.send_to("good", i, wait_ack=True, timeout=5) == i
+            codes = await asyncio.wait_for(asyncio.gather(*(p.closed_code for p in peers)), 10)
+            assert {c for c, _ in codes} == {ErrorCode.HELLO_TIMEOUT}
+            assert [c.client_id for c in server.clients()] == ["good"]
+            for p in peers:
+                p.close_with(0, "done")

@@ -57,3 +57,9 @@ def test_outstanding_pings_are_bounded():
     for i in range(100):
         s.ping_sent(float(i))
     assert len(s._sent) <= 4
+
+
+def test_ping_flood_is_detected_per_interval():
+    m = HeartbeatMonitor(interval=1.0, misses=3, last_heartbeat_at=0.0, flood_limit=3)
+    assert [m.flooding(0.1) for _ in range(4)] == [False, False, False, True]
+    assert not m.flooding(1.2)  # a new interval starts over
