@@ -115,6 +115,11 @@ async def test_relay_impairments_are_seeded_and_per_direction():
                     sink_t.sendto(i.to_bytes(2, "big"), relay.address)
                     if i % 20 == 19:  # stay far below the socket receive buffers
                         await asyncio.sleep(0.002)
+                # the relay may still hold some of the 400 in its socket buffer: count
+                # losses only once it has decided on every one of them
+                async with asyncio.timeout(5):
+                    while relay.forwarded["up"] + relay.lost["up"] < 400:
+                        await asyncio.sleep(0.005)
                 up_ok = 400 - relay.lost["up"]
                 # every datagram that got up comes back, some twice
                 await sink.wait_for(up_ok + relay.duplicated["down"])
