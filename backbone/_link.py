@@ -13,7 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import orjson
 
@@ -27,6 +27,7 @@ from .errors import (
     PayloadTooLarge,
     ProtocolViolation,
     RemoteError,
+    reject_reason,
 )
 from .events import (
     AckFailed,
@@ -39,6 +40,7 @@ from .events import (
     MessageSent,
     ProtocolViolated,
     Role,
+    SendRejected,
 )
 from .frames import (
     FLAG_ERROR,
@@ -50,6 +52,7 @@ from .frames import (
     encode_data_frame,
     encode_payload,
 )
+from .ids import MsgIdGenerator
 from .message import Message
 from .pending import PendingEntry, PendingTable
 from .session import MSG_STREAM
@@ -80,11 +83,68 @@ class PendingOwner:
     """Mixin for Server and Client: the pending-result table and its single timer."""
 
     role: Role
+    config: _Common
     pending: PendingTable[Waiter]
     figures: Figures
+    _ids: MsgIdGenerator
     _loop: asyncio.AbstractEventLoop
     _pending_timer: asyncio.TimerHandle | None = None
     _pending_timer_at: float | None = None
+
+    async def _send_on(
+        self,
+        link: Link | None,
+        client_id: str,
+        not_connected: Callable[[], BackboneError],
+        payload: Any,
+        wait_ack: bool,
+        timeout: float | None,
+        headers: dict[str, str] | None,
+    ) -> Any:
+        """One message on one link (``None``: not connected): the MsgID without
+        ``wait_ack``, else the peer's result.  A refusal is raised at once and reported
+        as ``send.rejected``."""
+        msg_id: bytes | None = None
+        try:
+            if link is None or link.closed:
+                raise not_connected()
+            flags, body = encode_payload(payload)
+            link.check_payload(len(body))
+            if wait_ack:
+                flags |= FLAG_WAIT_ACK
+            msg_id = self._ids.next()
+            if propagation.active():
+                headers = propagation.inject(self, "message", msg_id.hex(), client_id, headers)
+            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
+            fut = link.send_frame(
+                frame,
+                msg_id,
+                len(body),
+                wait_ack,
+                self.config.ack_timeout if timeout is None else timeout,
+                headers,
+            )
+        except BackboneError as exc:
+            self._rejected(client_id, exc, msg_id)
+            raise
+        if fut is None:
+            return msg_id.hex()
+        return await self._await_result(link.session_id, msg_id, fut)
+
+    def _rejected(self, client_id: str, exc: BackboneError, msg_id: bytes | None) -> None:
+        self.figures.rejected += 1
+        if signals.wants(signals.on_send_rejected):
+            signals.emit(
+                signals.on_send_rejected,
+                self,
+                SendRejected(
+                    role=self.role,
+                    client_id=client_id,
+                    reason=reject_reason(exc),
+                    detail=str(exc),
+                    msg_id=msg_id.hex() if msg_id is not None else None,
+                ),
+            )
 
     def _arm_pending_timer(self, deadline: float) -> None:
         at = self._pending_timer_at
@@ -283,21 +343,21 @@ class Link:
         buffered = self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
         window = self.peer_window
         if window is not None and self.messages_sent - self.peer_processed >= window:
-            if self.config.slow_consumer_policy == "disconnect":
-                self.endpoint.shut(
-                    "slow_consumer",
-                    ErrorCode.SLOW_CONSUMER,
-                    f"{window} messages waiting for the peer's handler",
-                )
-            raise Backpressure(self.client_id, buffered, limit, unhandled=window)
+            self._slow(
+                Backpressure(self.client_id, buffered, limit, unhandled=window),
+                f"{window} messages waiting for the peer's handler",
+            )
         if buffered and buffered + size > limit:
-            if self.config.slow_consumer_policy == "disconnect":
-                self.endpoint.shut(
-                    "slow_consumer",
-                    ErrorCode.SLOW_CONSUMER,
-                    f"{buffered} bytes unacknowledged (limit {limit})",
-                )
-            raise Backpressure(self.client_id, buffered, limit)
+            self._slow(
+                Backpressure(self.client_id, buffered, limit),
+                f"{buffered} bytes unacknowledged (limit {limit})",
+            )
+
+    def _slow(self, refusal: Backpressure, detail: str) -> NoReturn:
+        """The peer is not keeping up: under ``disconnect`` close it, and refuse the send."""
+        if self.config.slow_consumer_policy == "disconnect":
+            self.endpoint.shut("slow_consumer", ErrorCode.SLOW_CONSUMER, detail)
+        raise refusal
 
     def check_payload(self, size: int) -> None:
         if size > self.max_payload_out:

@@ -9,7 +9,7 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from . import propagation, signals
+from . import signals
 from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
     CRYPTO_ERROR_BASE,
@@ -23,12 +23,10 @@ from ._quic import (
 from .backoff import Backoff
 from .config import ClientConfig
 from .errors import (
-    BackboneError,
     ErrorCode,
     NotConnected,
     ProtocolViolation,
     ServerGone,
-    reject_reason,
 )
 from .events import (
     Connected,
@@ -39,10 +37,9 @@ from .events import (
     HeartbeatTimedOut,
     ReconnectScheduled,
     Role,
-    SendRejected,
     StateChanged,
 )
-from .frames import FLAG_WAIT_ACK, DataFrame, FrameType, encode_data_frame, encode_payload
+from .frames import DataFrame
 from .ids import MsgIdGenerator
 from .pending import PendingTable
 from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
@@ -214,6 +211,7 @@ class Client(HandlerOwner, PendingOwner):
     it connects, and reconnects with jittered exponential backoff until closed."""
 
     role: Role = "client"
+    config: ClientConfig
 
     def __init__(
         self,
@@ -531,42 +529,13 @@ class Client(HandlerOwner, PendingOwner):
         """Send to the server.  Without ``wait_ack`` returns the MsgID; with it, the server
         handler's result (or ``AckTimeout`` / ``ServerGone`` / ``RemoteError``)."""
         conn = self._conn
-        link = conn.link if conn is not None else None
-        msg_id: bytes | None = None
-        try:
-            if link is None or link.closed or self._state is not ClientState.CONNECTED:
-                raise NotConnected(f"client {self.client_id!r} is not connected to the server")
-            flags, body = encode_payload(payload)
-            link.check_payload(len(body))
-            if wait_ack:
-                flags |= FLAG_WAIT_ACK
-            msg_id = self._ids.next()
-            if propagation.active():
-                headers = propagation.inject(self, "message", msg_id.hex(), self.client_id, headers)
-            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
-            fut = link.send_frame(
-                frame,
-                msg_id,
-                len(body),
-                wait_ack,
-                self.config.ack_timeout if timeout is None else timeout,
-                headers,
-            )
-        except BackboneError as exc:
-            self.figures.rejected += 1
-            if signals.wants(signals.on_send_rejected):
-                signals.emit(
-                    signals.on_send_rejected,
-                    self,
-                    SendRejected(
-                        role="client",
-                        client_id=self.client_id,
-                        reason=reject_reason(exc),
-                        detail=str(exc),
-                        msg_id=msg_id.hex() if msg_id is not None else None,
-                    ),
-                )
-            raise
-        if fut is None:
-            return msg_id.hex()
-        return await self._await_result(link.session_id, msg_id, fut)
+        link = conn.link if conn is not None and self._state is ClientState.CONNECTED else None
+        return await self._send_on(
+            link,
+            self.client_id,
+            lambda: NotConnected(f"client {self.client_id!r} is not connected to the server"),
+            payload,
+            wait_ack,
+            timeout,
+            headers,
+        )

@@ -27,7 +27,6 @@ from .errors import (
     ClientNotConnected,
     ErrorCode,
     ProtocolViolation,
-    reject_reason,
 )
 from .events import (
     AuthenticationFailed,
@@ -37,7 +36,6 @@ from .events import (
     HeartbeatReceived,
     HeartbeatTimedOut,
     Role,
-    SendRejected,
     ServerStarted,
     ServerStopped,
     SessionRefused,
@@ -197,6 +195,7 @@ class Server(HandlerOwner, PendingOwner):
     """
 
     role: Role = "server"
+    config: ServerConfig
 
     def __init__(
         self,
@@ -503,21 +502,6 @@ class Server(HandlerOwner, PendingOwner):
             )
 
     # --- sending -------------------------------------------------------------------------------
-    def _rejected(self, client_id: str, exc: BackboneError, msg_id: bytes | None) -> None:
-        self.figures.rejected += 1
-        if signals.wants(signals.on_send_rejected):
-            signals.emit(
-                signals.on_send_rejected,
-                self,
-                SendRejected(
-                    role="server",
-                    client_id=client_id,
-                    reason=reject_reason(exc),
-                    detail=str(exc),
-                    msg_id=msg_id.hex() if msg_id is not None else None,
-                ),
-            )
-
     async def send_to(
         self,
         client_id: str,
@@ -532,33 +516,15 @@ class Server(HandlerOwner, PendingOwner):
         ``ClientGone`` or ``RemoteError``.  Raises ``ClientNotConnected``,
         ``PayloadTooLarge``, ``Backpressure`` or ``TooManyPending`` at once."""
         conn = self._sessions.get(client_id)
-        link = conn.link if conn is not None else None
-        msg_id: bytes | None = None
-        try:
-            if link is None or link.closed:
-                raise ClientNotConnected(client_id)
-            flags, body = encode_payload(payload)
-            link.check_payload(len(body))
-            if wait_ack:
-                flags |= FLAG_WAIT_ACK
-            msg_id = self._ids.next()
-            if propagation.active():
-                headers = propagation.inject(self, "message", msg_id.hex(), client_id, headers)
-            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
-            fut = link.send_frame(
-                frame,
-                msg_id,
-                len(body),
-                wait_ack,
-                self.config.ack_timeout if timeout is None else timeout,
-                headers,
-            )
-        except BackboneError as exc:
-            self._rejected(client_id, exc, msg_id)
-            raise
-        if fut is None:
-            return msg_id.hex()
-        return await self._await_result(link.session_id, msg_id, fut)
+        return await self._send_on(
+            conn.link if conn is not None else None,
+            client_id,
+            lambda: ClientNotConnected(client_id),
+            payload,
+            wait_ack,
+            timeout,
+            headers,
+        )
 
     async def broadcast(
         self,
