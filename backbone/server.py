@@ -387,8 +387,9 @@ class Server(HandlerOwner, PendingOwner):
         self, conn: _ServerConnection, hello: Hello, reason: str, code: ErrorCode, window: float
     ) -> None:
         """Tell a new client to come back later (GOAWAY with a spread window), then close."""
-        retry_after = self.config.drain_retry_after if self._closing else 0.0
-        if not self._closing:
+        if self._closing:
+            retry_after = self.config.drain_retry_after
+        else:  # overloaded: come back when the bucket has room
             retry_after = self._admission.wait_time(self._loop.time())
         conn.write_now(
             MSG_STREAM,
