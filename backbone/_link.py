@@ -394,7 +394,7 @@ class Link:
             signals.emit(
                 signals.on_message_sent,
                 self.owner,
-                MessageSent(
+                MessageSent.unchecked(
                     role=self.role,
                     msg_id=msg_id.hex(),
                     client_id=self.client_id,
@@ -457,7 +457,7 @@ class Link:
             signals.emit(
                 signals.on_message_received,
                 self.owner,
-                MessageReceived(
+                MessageReceived.unchecked(
                     role=self.role,
                     msg_id=msg.msg_id,
                     client_id=self.client_id,
@@ -517,7 +517,7 @@ class Link:
             signals.emit(
                 signals.on_ack,
                 owner,
-                AckReceived(
+                AckReceived.unchecked(
                     role=self.role,
                     msg_id=df.msg_id.hex(),
                     client_id=self.client_id,
@@ -606,7 +606,7 @@ class Link:
             signals.emit(
                 signals.on_message_processed,
                 self.owner,
-                MessageProcessed(
+                MessageProcessed.unchecked(
                     role=self.role,
                     msg_id=msg.msg_id,
                     client_id=self.client_id,
@@ -643,7 +643,7 @@ class Link:
             signals.emit(
                 signals.on_ack,
                 self.owner,
-                AckSent(
+                AckSent.unchecked(
                     role=self.role,
                     msg_id=msg.msg_id,
                     client_id=self.client_id,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic_core import PydanticUndefined
 
 _seq = itertools.count(1)
 
@@ -23,6 +24,11 @@ def _next_seq() -> int:
     return next(_seq)
 
 
+_new = object.__new__
+_set = object.__setattr__
+_REQUIRED: Any = object()  # marks a field without a default in a template
+
+
 class Event(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -30,6 +36,40 @@ class Event(BaseModel):
     seq: int = Field(default_factory=_next_seq)
     at: float = Field(default_factory=time.time)
     role: Role
+
+    #: every field in declaration order with its default (``_REQUIRED`` if none); built
+    #: once per class, for :meth:`unchecked`
+    _template: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._template = {
+            name: _REQUIRED if f.default is PydanticUndefined else f.default
+            for name, f in cls.model_fields.items()
+        }
+
+    @classmethod
+    def unchecked(cls, **fields: Any) -> Self:
+        """The event, built without validation: for the core's once-per-message events,
+        whose values are already of the declared types (``tests/test_events.py`` checks
+        that what the core builds equals the validated event, field for field).
+        ``seq`` and ``at`` are set as ``__init__`` sets them; an unknown or missing
+        field raises ``TypeError``.  Saves about a microsecond per event."""
+        data = cls._template.copy()
+        data["seq"] = next(_seq)
+        data["at"] = time.time()
+        data.update(fields)
+        if len(data) != len(cls._template) or _REQUIRED in data.values():
+            unknown = sorted(set(fields) - set(cls._template))
+            missing = [k for k, v in data.items() if v is _REQUIRED]
+            raise TypeError(f"{cls.__name__}: unknown fields {unknown}, missing {missing}")
+        event = _new(cls)
+        _set(event, "__dict__", data)
+        _set(event, "__pydantic_fields_set__", set(fields))
+        _set(event, "__pydantic_extra__", None)
+        _set(event, "__pydantic_private__", None)
+        return event
 
 
 # --- server lifecycle -------------------------------------------------------------

@@ -18,14 +18,19 @@ lambdas and bound methods of temporary objects with ``weak=False``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from blinker import NamedSignal, Namespace
 
 from .events import Event
+
+Receiver = Callable[..., Any]
 
 log = logging.getLogger("backbone.signals")
 
@@ -77,6 +82,36 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_auth_failed,
 )
 
+#: the signal each event kind is emitted on (every event also goes to ``on_event``).
+#: A plugin that wants a few kinds connects to their signals rather than to
+#: ``on_event``: events nobody listens to are then never built.
+SIGNAL_OF_KIND: dict[str, NamedSignal] = {
+    "server.started": on_server_started,
+    "server.stopped": on_server_stopped,
+    "connected": on_connected,
+    "disconnected": on_disconnected,
+    "heartbeat.timed_out": on_timeout,
+    "state.changed": on_state_changed,
+    "connect.failed": on_connect_failed,
+    "reconnect.scheduled": on_reconnect_scheduled,
+    "protocol.violated": on_protocol_error,
+    "heartbeat.received": on_heartbeat,
+    "heartbeat.acknowledged": on_heartbeat,
+    "message.sent": on_message_sent,
+    "message.received": on_message_received,
+    "message.processed": on_message_processed,
+    "ack.sent": on_ack,
+    "ack.received": on_ack,
+    "ack.late": on_ack,
+    "ack.timed_out": on_ack_timeout,
+    "ack.failed": on_ack_failed,
+    "send.rejected": on_send_rejected,
+    "goaway.sent": on_goaway,
+    "goaway.received": on_goaway,
+    "session.refused": on_session_refused,
+    "auth.failed": on_auth_failed,
+}
+
 #: failures per receiver name since start; a plugin's health figure
 receiver_failures: Counter[str] = Counter()
 #: a receiver that failed this many times is disconnected from the signal
@@ -98,37 +133,82 @@ def wants(signal: NamedSignal) -> bool:
     return bool(signal.receivers) or bool(on_event.receivers)
 
 
-def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
-    if not signal.receivers:
+def _failed(signal: NamedSignal, receiver: Any, event: Event) -> None:
+    name = receiver_name(receiver)
+    receiver_failures[name] += 1
+    if receiver_failures[name] >= MAX_RECEIVER_FAILURES:
+        signal.disconnect(receiver)
+        log.error(
+            "event receiver %s failed %d times and was disconnected from %s",
+            name,
+            receiver_failures[name],
+            signal.name,
+        )
         return
-    for receiver in signal.receivers_for(sender):
+    now = time.monotonic()
+    if now - _last_logged.get(name, -_LOG_EVERY) >= _LOG_EVERY:
+        _last_logged[name] = now
+        log.exception(
+            "event receiver %s raised on %s (failure #%d); the data path is unaffected",
+            name,
+            event.kind,
+            receiver_failures[name],
+        )
+
+
+# --- routes: who receives what a sender emits on a signal ------------------------------------
+#
+# blinker works out a signal's receivers for a sender on every send (set union, weakref
+# checks, a generator): several µs, once per event, on the data path.  A route caches that
+# tuple per (signal, sender).  Any connect or disconnect on any signal of the bus clears
+# every route; a route is kept only when all of the signal's receivers are held strongly
+# (a weakly held one can vanish without a disconnect notice) and the sender can be weakly
+# referenced (its route goes when it does, and is never mistaken for a new object's).
+
+_routes: dict[tuple[int, int], tuple[weakref.ref[Any], tuple[Receiver, ...]]] = {}
+
+
+def _clear_routes(*_args: Any, **_kwargs: Any) -> None:
+    _routes.clear()
+
+
+def _route(signal: NamedSignal, sender: Any) -> tuple[Receiver, ...]:
+    key = (id(signal), id(sender))
+    hit = _routes.get(key)
+    if hit is not None and hit[0]() is sender:
+        return hit[1]
+    receivers = tuple(signal.receivers_for(sender))
+    if not any(isinstance(r, weakref.ref) for r in signal.receivers.values()):
         try:
-            receiver(sender, event=event)
-        except Exception:
-            name = receiver_name(receiver)
-            receiver_failures[name] += 1
-            if receiver_failures[name] >= MAX_RECEIVER_FAILURES:
-                signal.disconnect(receiver)
-                log.error(
-                    "event receiver %s failed %d times and was disconnected from %s",
-                    name,
-                    receiver_failures[name],
-                    signal.name,
-                )
-                continue
-            now = time.monotonic()
-            if now - _last_logged.get(name, -_LOG_EVERY) >= _LOG_EVERY:
-                _last_logged[name] = now
-                log.exception(
-                    "event receiver %s raised on %s (failure #%d); the data path is unaffected",
-                    name,
-                    event.kind,
-                    receiver_failures[name],
-                )
+            ref = weakref.ref(sender, functools.partial(_drop_route, key))
+        except TypeError:
+            return receivers
+        _routes[key] = (ref, receivers)
+    return receivers
+
+
+def _drop_route(key: tuple[int, int], ref: weakref.ref[Any]) -> None:
+    hit = _routes.get(key)
+    if hit is not None and hit[0] is ref:
+        del _routes[key]
+
+
+for _signal in ALL_SIGNALS:
+    _signal.receiver_connected.connect(_clear_routes, weak=False)
+    _signal.receiver_disconnected.connect(_clear_routes, weak=False)
 
 
 def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
     """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated."""
-    _deliver(signal, sender, event)
-    if signal is not on_event:
-        _deliver(on_event, sender, event)
+    if signal.receivers:
+        for receiver in _route(signal, sender):
+            try:
+                receiver(sender, event=event)
+            except Exception:
+                _failed(signal, receiver, event)
+    if signal is not on_event and on_event.receivers:
+        for receiver in _route(on_event, sender):
+            try:
+                receiver(sender, event=event)
+            except Exception:
+                _failed(on_event, receiver, event)

@@ -63,10 +63,10 @@ SECTION_END = "<!-- bench/plugins_overhead.py:end -->"
 
 CONFIGS: dict[str, str] = {
     "none": "no plugins",
-    "logging+metrics+history": "logging + metrics + history",
-    "lean": "same, per-message log lines at DEBUG",
-    "logging": "logging alone (kv, INFO, file)",
-    "logging-lifecycle": "logging, per-message lines at DEBUG",
+    "logging+metrics+history": "logging + metrics + history (defaults)",
+    "everything": "same, every message logged at INFO and message.received stored",
+    "logging": "logging alone (defaults: kv, INFO, per-message lines at DEBUG)",
+    "logging-messages": "logging, every message at INFO",
     "metrics": "metrics alone (OTLP every 10 s)",
     "history": "history alone (SQLite)",
     "tracing-100": "tracing, 100 % sampled",
@@ -86,9 +86,9 @@ def build_plugins(config: str, role: str, workdir: str) -> tuple[list[Any], str 
     parts = {
         "none": [],
         "logging+metrics+history": ["logging", "metrics", "history"],
-        "lean": ["logging-lifecycle", "metrics", "history"],
+        "everything": ["logging-messages", "metrics", "history-all"],
         "logging": ["logging"],
-        "logging-lifecycle": ["logging-lifecycle"],
+        "logging-messages": ["logging-messages"],
         "metrics": ["metrics"],
         "history": ["history"],
         "tracing-100": ["tracing-100"],
@@ -96,7 +96,7 @@ def build_plugins(config: str, role: str, workdir: str) -> tuple[list[Any], str 
     }[config]
     for part in parts:
         try:
-            if part in ("logging", "logging-lifecycle"):
+            if part in ("logging", "logging-messages"):
                 from plugins.logs import LoggingPlugin
 
                 handler = logging.FileHandler(os.path.join(workdir, f"{role}.log"))
@@ -112,17 +112,18 @@ def build_plugins(config: str, role: str, workdir: str) -> tuple[list[Any], str 
                         format="kv",
                         level=logging.INFO,
                         logger=logger,
-                        message_level=logging.DEBUG if part == "logging-lifecycle" else None,
+                        message_level=logging.INFO if part == "logging-messages" else logging.DEBUG,
                     )
                 )
             elif part == "metrics":
                 from plugins.metrics import MetricsPlugin
 
                 plugins.append(MetricsPlugin())  # OTLP from $OTEL_EXPORTER_OTLP_ENDPOINT
-            elif part == "history":
-                from plugins.history import HistoryPlugin
+            elif part in ("history", "history-all"):
+                from plugins.history import RECORDED_KINDS, HistoryPlugin
 
-                plugins.append(HistoryPlugin(os.path.join(workdir, f"{role}.sqlite3")))
+                kinds = RECORDED_KINDS if part == "history-all" else None
+                plugins.append(HistoryPlugin(os.path.join(workdir, f"{role}.sqlite3"), kinds=kinds))
             else:
                 from plugins.otel import TracingPlugin
 

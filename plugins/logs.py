@@ -27,9 +27,10 @@ events                                                  level
 ``server.started``, ``server.stopped``, ``connected``,  ``level``
 ``disconnected`` (with its reason), ``state.changed``,
 ``reconnect.scheduled`` (reason and delay),
-``goaway.sent``, ``goaway.received``, ``message.sent`` and
-``message.received`` (MsgID and size), ``ack.sent``
-and ``ack.received`` (the result: ok or error type)
+``goaway.sent``, ``goaway.received``
+``message.sent`` and ``message.received`` (MsgID and       ``message_level``
+size), ``ack.sent`` and ``ack.received`` (the result:      (``DEBUG`` by default)
+ok or error type)
 ``heartbeat.timed_out`` (eviction / dead server),       warning
 ``connect.failed`` (reason), ``protocol.violated``,
 ``send.rejected``, ``ack.timed_out``, ``ack.failed``,
@@ -48,10 +49,15 @@ trace context or application metadata) are logged only with ``payloads=True``.
 
 Per-message lines are what costs: two or more records per message, each a
 ``LogRecord`` plus whatever the handlers do (a ``FileHandler`` formats, writes and
-flushes every record).  ``message_level=logging.DEBUG`` keeps the connection lines at
-``level`` and makes the per-message ones (``message.sent``, ``message.received``,
-``ack.sent``, ``ack.received``) nearly free unless DEBUG is enabled for the logger;
-``bench/plugins_overhead.py`` measures both.
+flushes every record), which would cut a busy connection's throughput by a third
+(``bench/plugins_overhead.py`` measures it).  So, as brokers do, the per-message lines
+(``message.sent``, ``message.received``, ``ack.sent``, ``ack.received``) are logged at
+``message_level``, ``DEBUG`` by default, while connections, reconnects and every
+failure are logged at ``level``.  Pass ``message_level="INFO"`` to see every message.
+If the logger is not enabled for ``message_level`` when the plugin is installed, the
+plugin does not even subscribe to ``message.sent`` and ``message.received``, so those
+events are not built on its account; enabling that level later takes effect at the next
+install (``ack.*`` lines follow the logger's level at once).
 
 Cost: a receiver first asks the logger whether that level is enabled (a cached lookup)
 and returns at once if not; the line is built only for records that will be handled.
@@ -237,7 +243,7 @@ class LoggingPlugin(Plugin):
     ``level``: level of routine lines (a number or a name); problems are logged at
     ``max(WARNING, level)``.
     ``message_level``: level of the per-message lines (``message.sent``,
-    ``message.received``, ``ack.sent``, ``ack.received``); default ``level``.
+    ``message.received``, ``ack.sent``, ``ack.received``); default ``DEBUG``.
     ``logger``: a :class:`logging.Logger` or a logger name (default ``backbone.events``).
     ``payloads``: also log message headers (payloads themselves are never logged).
     ``heartbeats``: also log every heartbeat, at ``DEBUG``.
@@ -252,12 +258,12 @@ class LoggingPlugin(Plugin):
         logger: logging.Logger | str | None = None,
         payloads: bool = False,
         heartbeats: bool = False,
-        message_level: int | str | None = None,
+        message_level: int | str = logging.DEBUG,
     ) -> None:
         super().__init__()
         self.format = resolve_format(format)
         self.level = level = resolve_level(level)
-        self.message_level = level if message_level is None else resolve_level(message_level)
+        self.message_level = resolve_level(message_level)
         if logger is None or isinstance(logger, str):
             logger = logging.getLogger(logger or LOGGER_NAME)
         self.logger = logger
@@ -282,6 +288,9 @@ class LoggingPlugin(Plugin):
 
     def receivers(self) -> dict[NamedSignal, Receiver]:
         out: dict[NamedSignal, Receiver] = dict.fromkeys(_SIGNALS, self.log_event)
+        if not self.logger.isEnabledFor(self.message_level):
+            # decided at install: these two signals carry only per-message lines
+            del out[signals.on_message_sent], out[signals.on_message_received]
         for name in _OPTIONAL_SIGNALS:
             signal = getattr(signals, name, None)
             if isinstance(signal, NamedSignal):

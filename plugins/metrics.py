@@ -913,4 +913,4 @@ class MetricsPlugin(Plugin):
         self._tallies.violations[(event.role, event.code_name)] += 1
 
     def _session_refused(self, sender: Any, event: Event) -> None:
-        self._tallies.refused[(event.role, str(getattr(event, "reason", "")))] += 1
+        self._tallies.refused[(event.role, str(event.__dict__.get("reason", "")))] += 1

@@ -25,6 +25,7 @@ from backbone.events import (
     Disconnected,
     Event,
     HeartbeatReceived,
+    MessageProcessed,
     MessageReceived,
     MessageSent,
     Role,
@@ -48,7 +49,7 @@ def sent(cid: str, at: float, role: Role = "server") -> MessageSent:
 
 
 def emit(sender: object, event: Event) -> None:
-    signals.on_event.send(sender, event=event)
+    signals.emit(signals.SIGNAL_OF_KIND[event.kind], sender, event)
 
 
 @contextlib.asynccontextmanager
@@ -99,8 +100,9 @@ async def test_records_a_real_session(make_server, make_client, events, db):
     # leaving the server uninstalled the plugin, which flushed and closed the writer
     stored = plugin.history("dev-1")
     kinds = [e.kind for e in stored]
-    for kind in ("connected", "message.sent", "ack.received", "message.received", "ack.sent"):
+    for kind in ("connected", "message.sent", "ack.received", "message.processed", "ack.sent"):
         assert kind in kinds
+    assert "message.received" not in kinds  # not a default kind: message.processed says it
     assert kinds[0] == "connected" and kinds[-1] == "disconnected"
     assert all(e.role == "server" for e in stored)  # only the server had the plugin
     # events come back as their own classes, equal to what was emitted
@@ -294,6 +296,10 @@ def test_reducer_is_pure_and_scoped():
         ),
         AckTimedOut(role="server", msg_id=MSG, client_id="c1", timeout=1.0, at=6.0),
         MessageReceived(role="server", msg_id=MSG, client_id="c1", size=1, wait_ack=False, at=7.0),
+        MessageProcessed(
+            role="server", msg_id=MSG, client_id="c1", wait_ack=False, ok=True,
+            started_at=7.0, processing_time=0.01, at=7.1,
+        ),
     ]
     v5 = replay(events, "c1")
     assert (v5.acks_failed, v5.ack_timeouts, v5.messages_received) == (1, 1, 1)
@@ -372,7 +378,7 @@ p = HistoryPlugin(sys.argv[1], batch=20, retention_every=0, max_age=None)
 s = object()
 p.install(s)
 for i in range(int(sys.argv[2])):
-    signals.on_event.send(s, event=MessageSent(role="server", msg_id="ab" * 16,
+    signals.on_message_sent.send(s, event=MessageSent(role="server", msg_id="ab" * 16,
                  client_id="proc", size=1, wait_ack=False, at=float(i)))
 assert p.flush(30)
 assert p.stats()["failed_batches"] == 0, p.stats()
@@ -501,3 +507,32 @@ def test_live_views_of_departed_clients_are_forgotten(installed):
     assert len(live) <= 10 and "stay" in live and "c29" in live
     assert plugin.flush(5)
     assert len(plugin.clients()) == 31  # the store keeps them all
+
+
+def test_kinds_choose_what_is_stored_and_what_is_built(db):
+    """By default ``message.received`` is not stored (``message.processed`` is), so with
+    only this plugin installed that event is never even built; ``kinds=`` adds it back."""
+    sender = object()
+    default = HistoryPlugin(db)
+    default.install(sender)
+    try:
+        assert not signals.wants(signals.on_message_received)
+        assert signals.wants(signals.on_message_processed) and signals.wants(signals.on_heartbeat)
+        assert not signals.on_event.receivers
+    finally:
+        default.close()
+    chosen = HistoryPlugin(db, kinds="message.*;connected")
+    assert chosen.kinds == {"message.sent", "message.received", "message.processed", "connected"}
+    chosen.install(sender)
+    try:
+        assert signals.wants(signals.on_message_received)
+        assert not signals.wants(signals.on_ack)
+        received = MessageReceived(role="client", msg_id=MSG, client_id="c", size=1, wait_ack=False)
+        emit(sender, received)
+        emit(sender, AckReceived(role="client", msg_id=MSG, client_id="c", ok=True, latency=0.1))
+        assert chosen.flush(5)
+        assert [e.kind for e in chosen.history("c")] == ["message.received"]
+    finally:
+        chosen.close()
+    with pytest.raises(ValueError, match="cannot record"):
+        HistoryPlugin(db, kinds=["heartbeat.received"])

@@ -20,7 +20,7 @@ from backbone.events import (
     MessageSent,
 )
 from backbone.plugins import load_plugin, plugins_from_env
-from plugins.logs import FIELDS, WARNING_KINDS, LoggingPlugin, format_kv
+from plugins.logs import FIELDS, MESSAGE_KINDS, WARNING_KINDS, LoggingPlugin, format_kv
 
 from ..test_e2e import running
 from .test_metrics import SECRET_HEADER, SECRET_PAYLOAD, run_scenario
@@ -87,7 +87,10 @@ async def test_one_kv_line_per_event(make_server, make_client, events, certs, ca
         line = r.getMessage()
         d = parse_kv(line)
         assert (d["event"], d["role"]) == (e.kind, e.role)
-        assert r.levelno == (logging.WARNING if e.kind in WARNING_KINDS else logging.INFO)
+        if e.kind in WARNING_KINDS:
+            assert r.levelno == logging.WARNING
+        else:  # per-message lines at DEBUG by default, the rest at INFO
+            assert r.levelno == (logging.DEBUG if e.kind in MESSAGE_KINDS else logging.INFO)
         for name in FIELDS.get(e.kind, ()):
             v = getattr(e, name)
             if v is None:
@@ -130,8 +133,8 @@ async def test_one_kv_line_per_event(make_server, make_client, events, certs, ca
 
 async def test_json_lines_and_headers_only_when_asked(make_server, make_client, events, caplog):
     caplog.set_level(logging.INFO)
-    quiet = LoggingPlugin(format="json", logger="test.quiet")
-    loud = LoggingPlugin(format="json", logger="test.loud", payloads=True)
+    quiet = LoggingPlugin(format="json", logger="test.quiet", message_level="INFO")
+    loud = LoggingPlugin(format="json", logger="test.loud", payloads=True, message_level="INFO")
     async with make_server(plugins=[quiet, loud]) as server:
         client = make_client("dev-1", server.port, plugins=[quiet, loud])
 
@@ -239,6 +242,32 @@ def test_message_lines_can_have_their_own_level(caplog):
     caplog.set_level(logging.DEBUG, logger="backbone.events")
     plugin.log_event(None, sent)
     assert event_lines(caplog)[-1].levelno == logging.DEBUG
+    loud = LoggingPlugin(message_level="INFO")
+    loud.log_event(None, sent)
+    assert event_lines(caplog)[-1].levelno == logging.INFO
+
+
+def test_message_events_are_not_built_for_a_logger_that_would_drop_them(caplog):
+    """By default per-message lines are DEBUG; with the logger at INFO the plugin does
+    not subscribe to message.sent / message.received, so the core builds neither."""
+    from backbone import signals
+
+    sender = object()
+    caplog.set_level(logging.INFO, logger="backbone.events")
+    quiet = LoggingPlugin()
+    quiet.install(sender)
+    try:
+        assert not signals.wants(signals.on_message_received)
+        assert not signals.wants(signals.on_message_sent)
+        assert signals.wants(signals.on_connected) and signals.wants(signals.on_ack_timeout)
+    finally:
+        quiet.uninstall(sender)
+    loud = LoggingPlugin(message_level="INFO")
+    loud.install(sender)
+    try:
+        assert signals.wants(signals.on_message_received) and signals.wants(signals.on_message_sent)
+    finally:
+        loud.uninstall(sender)
 
 
 def test_kv_values_are_quoted_and_escaped():
