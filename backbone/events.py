@@ -40,6 +40,8 @@ class Event(BaseModel):
     #: every field in declaration order with its default (``_REQUIRED`` if none); built
     #: once per class, for :meth:`unchecked`
     _template: ClassVar[dict[str, Any]] = {}
+    #: the fields without a default
+    _required: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
@@ -48,6 +50,7 @@ class Event(BaseModel):
             name: _REQUIRED if f.default is PydanticUndefined else f.default
             for name, f in cls.model_fields.items()
         }
+        cls._required = frozenset(k for k, f in cls.model_fields.items() if f.is_required())
 
     @classmethod
     def unchecked(cls, **fields: Any) -> Self:
@@ -60,7 +63,7 @@ class Event(BaseModel):
         data["seq"] = next(_seq)
         data["at"] = time.time()
         data.update(fields)
-        if len(data) != len(cls._template) or _REQUIRED in data.values():
+        if len(data) != len(cls._template) or not cls._required <= fields.keys():
             unknown = sorted(set(fields) - set(cls._template))
             missing = [k for k, v in data.items() if v is _REQUIRED]
             raise TypeError(f"{cls.__name__}: unknown fields {unknown}, missing {missing}")

@@ -525,6 +525,28 @@ async def test_parent_based_client_follows_the_server(make_server, make_client, 
     assert spans[PROCESS].parent_span_id == spans[SEND].span_id
 
 
+async def test_partial_sampling_keeps_whole_traces(make_server, make_client, receiver):
+    """At ratio 0.5 the server decides each root itself (sampled-out sends build no span)
+    and the client, whose own ratio is 1, follows that decision: every exported trace
+    has its send, process and ack, and no other trace has any span."""
+    server_plugin, client_plugin = TracingPlugin(sampler_ratio=0.5), TracingPlugin(sampler_ratio=1)
+    n = 200
+    async with make_server(plugins=[server_plugin]) as server:
+        client = make_client("dev-1", server.port, plugins=[client_plugin])
+        client.handler(lambda m: m.payload)
+        async with client:
+            await client.wait_connected(5)
+            for i in range(n):
+                assert await server.send_to("dev-1", i, wait_ack=True, timeout=5) == i
+    by_trace: dict[str, set[str]] = {}
+    for span in receiver.spans():
+        by_trace.setdefault(span.trace_id, set()).add(span.name)
+    assert all(names == {SEND, PROCESS, ACK} for names in by_trace.values()), by_trace
+    assert 60 < len(by_trace) < 140  # binomial(200, 0.5): far outside is a bug, not luck
+    bound = round(0.5 * 2**64)
+    assert all(int(t, 16) & (2**64 - 1) < bound for t in by_trace)  # the ratio sampler's rule
+
+
 # --- (b) a real export over the network --------------------------------------------------
 
 
