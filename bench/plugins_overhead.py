@@ -7,13 +7,16 @@ loopback QUIC, 64 per event-loop pass, yielding 1 ms on ``Backpressure``; the ra
 the client's handler counts.  Both processes run the same plugin configuration:
 
 * ``none``: ``plugins=[]``;
-* ``logging+metrics+history``: ``LoggingPlugin`` (kv, INFO, to a real file through a
-  ``logging.FileHandler``), ``MetricsPlugin`` (its own provider; OTLP export to the sink
-  below every 10 s and at shutdown) and ``HistoryPlugin`` (SQLite in a temp directory);
-* ``lean``: the same three, with the logging plugin's ``message_level=DEBUG``;
+* ``logging+metrics+history``: the three with their defaults: ``LoggingPlugin`` (kv, the
+  logger at INFO, to a real file through a ``logging.FileHandler``; per-message lines are
+  DEBUG by default, so only connection and failure lines are written), ``MetricsPlugin``
+  (its own provider; OTLP export to the sink below every 10 s and at shutdown) and
+  ``HistoryPlugin`` (SQLite in a temp directory; default kinds: one row per message
+  sent and per message processed);
+* ``everything``: the same three with every message logged (``message_level=INFO``) and
+  ``message.received`` stored too (``kinds=RECORDED_KINDS``);
 * ``logging``, ``metrics``, ``history``: each of those alone, to see who costs what;
-* ``logging-lifecycle``: logging with ``message_level=DEBUG`` (the per-message lines off
-  at INFO, the connection lines still written);
+* ``logging-messages``: logging with ``message_level=INFO`` (a line per message);
 * ``tracing 100%``: ``TracingPlugin(sampler_ratio=1.0)``;
 * ``tracing default``: ``TracingPlugin()`` with its default sampling.
 
@@ -625,9 +628,11 @@ def render_docs_section(result: dict[str, Any]) -> str:
             f"{p['payload_bytes']}-byte orjson payloads, {p['batch']} sends per loop pass, "
             "separate processes), with the same plugins in both processes. "
             f"{p['warmup']:g} s warm-up, {p['duration']:g} s measured, {p['rounds']} "
-            "round(s) rotating the order; medians. Logging writes kv lines at INFO to a real "
-            "file (`logging.FileHandler`); metrics and tracing export over OTLP/gRPC to a "
-            "receiver in the parent process; history writes SQLite in a temp directory. "
+            "round(s) rotating the order; medians. Logging writes kv lines with the logger "
+            "at INFO to a real file (`logging.FileHandler`; per-message lines are DEBUG "
+            "unless the configuration says every message); metrics and tracing export over "
+            "OTLP/gRPC to a receiver in the parent process; history writes SQLite in a temp "
+            "directory. "
             '"plugin drops" are events a plugin queue refused (summed over both processes).',
             "",
             render_table(s),
@@ -664,6 +669,19 @@ def render_docs_section(result: dict[str, Any]) -> str:
         "threads (history's SQLite writer, the OTel batch span processor), which compete "
         "for the same GIL. On a shared machine the two-process throughput varies a lot "
         "between runs (see the runs column); compare the CPU columns.",
+        "",
+        "Where the per-message cost goes (measured in-process with the same paths): one "
+        "event per message and side with the default plugins (`message.sent` on the "
+        "sender, `message.processed` on the receiver; `message.received` is not built "
+        "unless someone listens to it), about 1–2 µs to build "
+        "(`Event.unchecked`) and 1 µs to route (cached per signal and sender); the "
+        "metrics receiver bumps plain integers and an own histogram (< 1 µs); history "
+        "appends to a deque (< 1 µs) and its writer thread spends 6–7 µs per stored row, "
+        "most of it SQLite's two B-tree inserts (table and `(client_id, at)` index). "
+        "Tracing: a sampled-out send builds no span (about 1 µs to draw a trace id and "
+        "write a not-sampled `traceparent`); a recorded span costs the OpenTelemetry SDK "
+        "about 50 µs to start and end and its OTLP exporter about 100 µs more to encode, "
+        "so at 100 % sampling the SDK, not backbone, sets the figure.",
         SECTION_END,
     ]
     return "\n".join(lines)
