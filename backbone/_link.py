@@ -324,9 +324,13 @@ class Link:
         self.processed = 0
         self.credit_sent = 0
         self._credit_step = max(1, config.max_inbound_queue // 4)
+        self._max_inbox = config.max_inbound_queue
+        self._figures = owner.figures
         self._loop = asyncio.get_running_loop()
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
+        # unacknowledged stream bytes: at most what aioquic held after our last write
+        self._unacked_bound = endpoint.unacked_bytes(MSG_STREAM)
         self._flush_handle: asyncio.Handle | None = None
         self._inbox: deque[Message] = deque()
         self._wakeup: asyncio.Future[None] | None = None
@@ -340,7 +344,13 @@ class Link:
         """Raise :class:`Backpressure` if ``size`` more bytes would pass the limit.
         Under the ``disconnect`` policy the slow peer is closed as well."""
         limit = self.config.outbound_buffer_limit
-        buffered = self._outbox_bytes + self.endpoint.unacked_bytes(MSG_STREAM)
+        # QUIC's unacknowledged bytes only shrink between our writes, so the figure read
+        # at the last flush bounds them: aioquic's stream state is read again only when
+        # that bound says the limit may be near (not once per message)
+        buffered = self._outbox_bytes + self._unacked_bound
+        if buffered + size > limit:
+            self._unacked_bound = self.endpoint.unacked_bytes(MSG_STREAM)
+            buffered = self._outbox_bytes + self._unacked_bound
         window = self.peer_window
         if window is not None and self.messages_sent - self.peer_processed >= window:
             self._slow(
@@ -389,7 +399,7 @@ class Link:
             owner._arm_pending_timer(entry.deadline)
         self._queue(frame)
         self.messages_sent += 1
-        self.owner.figures.messages_out += 1
+        self._figures.messages_out += 1
         if signals.wants(signals.on_message_sent):
             signals.emit(
                 signals.on_message_sent,
@@ -428,6 +438,7 @@ class Link:
         outbox.clear()
         self._outbox_bytes = 0
         self.endpoint.write_now(MSG_STREAM, data)
+        self._unacked_bound = self.endpoint.unacked_bytes(MSG_STREAM)
 
     # --- incoming ---------------------------------------------------------------------
     def on_frame(self, df: DataFrame, now: float) -> None:
@@ -443,16 +454,18 @@ class Link:
             self._on_result(df, now)
 
     def _on_message(self, df: DataFrame) -> None:
-        payload = decode_payload(df.flags, df.body)
-        wait_ack = bool(df.flags & FLAG_WAIT_ACK)
-        if len(self._inbox) >= self.config.max_inbound_queue:
+        inbox = self._inbox
+        if len(inbox) >= self._max_inbox:
             raise ProtocolViolation(
                 ErrorCode.INBOUND_OVERFLOW,
-                f"more than {self.config.max_inbound_queue} messages waiting for the handler",
+                f"more than {self._max_inbox} messages waiting for the handler",
             )
+        flags = df.flags
+        payload = decode_payload(flags, df.body)
+        wait_ack = bool(flags & FLAG_WAIT_ACK)
         msg = Message(df.msg_id.hex(), self.client_id, payload, wait_ack, time.time(), df.headers)
         self.messages_received += 1
-        self.owner.figures.messages_in += 1
+        self._figures.messages_in += 1
         if signals.wants(signals.on_message_received):
             signals.emit(
                 signals.on_message_received,
@@ -466,7 +479,7 @@ class Link:
                     headers=df.headers,
                 ),
             )
-        self._inbox.append(msg)
+        inbox.append(msg)
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
