@@ -17,21 +17,38 @@ Private attributes used, each wrapped in one small function below:
   :mod:`backbone.identity`).  Session tickets are never issued, so no resumed handshake
   skips the certificate.
 * ``QuicConnectionProtocol._quic`` / ``_transmit_soon`` (protected API meant for subclasses).
+* ``QuicServer._protocols`` / ``_configuration`` — to tell a new connection's Initial from
+  one of a known connection, before aioquic creates any state for it (:class:`_GatedServer`);
+  ``aioquic._buffer.Buffer`` to parse its header (``aioquic.buffer`` does not export it to
+  the type checker).
+
+And of asyncio (CPython's selector event loop):
+
+* ``_SelectorDatagramTransport._sock`` / ``_conn_lost`` and ``loop._add_reader`` — the
+  server's socket is read by :class:`SocketReader` instead of the transport's own reader,
+  which takes one datagram per event-loop pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import ssl
+import struct
+import sys
+import time
+from asyncio import selector_events
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, cast
 
+from aioquic._buffer import Buffer
 from aioquic.asyncio.protocol import QuicConnectionProtocol
-from aioquic.asyncio.server import QuicServer, serve
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
+from aioquic.asyncio.server import QuicServer
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import TRANSPORT_CLOSE_FRAME_CAPACITY, QuicConnection
+from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
@@ -39,6 +56,14 @@ from aioquic.quic.events import (
     StreamDataReceived,
     StreamReset,
 )
+from aioquic.quic.packet import (
+    QuicErrorCode,
+    QuicFrameType,
+    QuicHeader,
+    QuicPacketType,
+    pull_quic_header,
+)
+from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.tls import Group
 
 from .frames import ALPN
@@ -211,16 +236,20 @@ class QuicEndpoint(QuicConnectionProtocol):
             addr = self._quic._network_paths[0].addr
         except (AttributeError, IndexError):
             return "?"
-        host = str(addr[0])
-        if host.startswith("::ffff:"):
-            host = host[7:]
-        return f"{host}:{addr[1]}"
+        return format_address(addr)
 
     def is_closed(self) -> bool:
         return self.terminated_reported
 
     def loop_time(self) -> float:
         return self._loop.time()
+
+
+def format_address(addr: Any) -> str:
+    host = str(addr[0])
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"{host}:{addr[1]}"
 
 
 UDP_BUFFER = 4 * 1024 * 1024
@@ -239,18 +268,221 @@ def _grow_buffers(sock: socket.socket | None, size: int) -> None:
             log.debug("could not set socket buffer option %s", opt)
 
 
+#: datagrams read per readiness callback, and seconds spent on them at most: enough to drain
+#: a backlog quickly, little enough that timers and other callbacks still run between batches
+READ_BUDGET = 128
+READ_TIME_BUDGET = 0.010
+
+# Linux stamps each datagram with its arrival time (SO_TIMESTAMPNS, a struct timespec in
+# CLOCK_REALTIME); Python's socket module does not export the option's number.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@qq")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
+
+
+def _enable_timestamps(sock: socket.socket) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        return bool(sock.getsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS))
+    except OSError:
+        return False
+
+
+class SocketReader:
+    """Reads the server's UDP socket in place of asyncio's own reader.
+
+    CPython's ``_SelectorDatagramTransport._read_ready`` reads **one** datagram per
+    event-loop pass, so a loop busy with other work starves its own socket: datagrams
+    queue in the kernel for seconds.  This reader drains the socket each time it is
+    readable, up to ``budget`` datagrams or ``time_budget`` seconds per callback.
+
+    On Linux the kernel stamps each datagram's arrival, so the reader knows how long each
+    one ``waited`` in the socket.  A datagram that waited longer than ``max_wait`` is
+    dropped unread (0: never): its sender has retransmitted anything that mattered by then,
+    and reading stale datagrams is how a server stays behind.  ``late_at`` is the last
+    time (loop clock) a datagram waited longer than ``late_after`` or was dropped: the
+    server was behind its input then.
+    """
+
+    def __init__(
+        self,
+        transport: asyncio.DatagramTransport,
+        protocol: asyncio.DatagramProtocol,
+        *,
+        budget: int = READ_BUDGET,
+        time_budget: float = READ_TIME_BUDGET,
+        max_wait: float = 0.0,
+        late_after: float = math.inf,
+    ) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._sock: socket.socket = transport._sock  # type: ignore[attr-defined]
+        self._loop = asyncio.get_running_loop()
+        self.budget = budget
+        self.time_budget = time_budget
+        self.max_wait = max_wait
+        self.late_after = late_after
+        self.timestamps = _enable_timestamps(self._sock)
+        #: how long the datagram being handled waited in the socket (0 if unknown)
+        self.waited = 0.0
+        self.late_at = -math.inf
+        self.dropped = 0
+        self.batches = 0
+        self.datagrams = 0
+        self._loop._add_reader(  # type: ignore[attr-defined]
+            self._sock.fileno(), self._read_ready
+        )
+
+    def _read_ready(self) -> None:
+        transport = self._transport
+        if transport._conn_lost:  # type: ignore[attr-defined]
+            return
+        sock, protocol = self._sock, self._protocol
+        max_wait, late_after = self.max_wait, self.late_after
+        self.batches += 1
+        stop_at = time.time() + self.time_budget
+        for _ in range(self.budget):
+            try:
+                data, ancillary, _flags, addr = sock.recvmsg(65536, _ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                protocol.error_received(exc)
+                break
+            self.datagrams += 1
+            now = time.time()
+            waited = 0.0
+            for level, kind, raw in ancillary:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                    sec, nsec = _TIMESPEC.unpack(raw)
+                    waited = now - (sec + nsec * 1e-9)
+            if waited > late_after:
+                self.late_at = self._loop.time()
+            if max_wait and waited > max_wait:
+                self.dropped += 1
+                continue
+            self.waited = waited
+            protocol.datagram_received(data, addr)
+            if transport.is_closing() or time.time() > stop_at:
+                break
+        self.waited = 0.0
+
+
+class Refusal(NamedTuple):
+    """Why a new connection is refused, and how: ``close`` answers its Initial with
+    CONNECTION_REFUSED, so the client gives up this attempt at once; otherwise the packet
+    is dropped unanswered and the client retransmits it after its timeout."""
+
+    reason: str
+    close: bool
+
+
+#: a gate sees a new connection's first packet (its peer address) and admits it (None)
+Gate = Callable[[str], Refusal | None]
+
+
+class _GatedServer(QuicServer):
+    """aioquic's server with a gate in front of new connections.
+
+    aioquic creates a connection, and starts the TLS work, for any Initial packet with an
+    unknown connection ID.  Here the ``gate`` sees such a packet first.  A refused one is
+    dropped, or answered with a stateless CONNECTION_CLOSE (CONNECTION_REFUSED) in an
+    Initial packet, which costs a key derivation and one small packet instead of a
+    handshake, and makes the client fail its connect attempt at once.
+    """
+
+    gate: Gate | None = None
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        data = cast(bytes, data)
+        gate = self.gate
+        # only a long-header packet of full size can open a connection
+        if gate is not None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and data[0] & 0x80:
+            header = self._new_connection_initial(data)
+            if header is not None:
+                refusal = gate(format_address(addr))
+                if refusal is not None:
+                    if refusal.close and self._transport is not None:
+                        self._transport.sendto(refusal_packet(header, refusal.reason), addr)
+                    return
+        super().datagram_received(data, addr)
+
+    def _new_connection_initial(self, data: bytes) -> QuicHeader | None:
+        configuration = self._configuration
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=configuration.connection_id_length
+            )
+        except ValueError:
+            return None
+        if (
+            header.packet_type != QuicPacketType.INITIAL
+            or header.version not in configuration.supported_versions
+            or header.destination_cid in self._protocols
+        ):
+            return None
+        return header
+
+
+def refusal_packet(header: QuicHeader, reason: str) -> bytes:
+    """A server Initial packet closing the connection with CONNECTION_REFUSED: stateless,
+    keyed from the client's own destination connection ID (aioquic builds its
+    INVALID_TOKEN close the same way)."""
+    assert header.version is not None
+    crypto = CryptoPair()
+    crypto.setup_initial(cid=header.destination_cid, is_client=False, version=header.version)
+    builder = QuicPacketBuilder(
+        host_cid=header.destination_cid,
+        is_client=False,
+        max_datagram_size=SMALLEST_MAX_DATAGRAM_SIZE,
+        peer_cid=header.source_cid,
+        version=header.version,
+    )
+    builder.start_packet(QuicPacketType.INITIAL, crypto)
+    phrase = reason.encode()[:100]
+    buf = builder.start_frame(
+        QuicFrameType.TRANSPORT_CLOSE, capacity=TRANSPORT_CLOSE_FRAME_CAPACITY + len(phrase)
+    )
+    buf.push_uint_var(QuicErrorCode.CONNECTION_REFUSED)
+    buf.push_uint_var(QuicFrameType.PADDING)  # the frame that caused it: none in particular
+    buf.push_uint_var(len(phrase))
+    buf.push_bytes(phrase)
+    datagrams, _ = builder.flush()
+    return datagrams[0]
+
+
 async def start_server(
     host: str,
     port: int,
     configuration: QuicConfiguration,
     create_protocol: Callable[..., QuicEndpoint],
-) -> tuple[QuicServer, int]:
-    server = await serve(host, port, configuration=configuration, create_protocol=create_protocol)
-    if server._transport is not None:
-        _grow_buffers(server._transport.get_extra_info("socket"), UDP_BUFFER)
-    sockname = server._transport.get_extra_info("sockname") if server._transport else None
+    *,
+    gate: Gate | None = None,
+    max_wait: float = 0.0,
+    late_after: float = math.inf,
+) -> tuple[QuicServer, SocketReader | None, int]:
+    """Listen; returns the server, the reader of its socket (None on an event loop whose
+    transport this module does not know, which then reads one datagram per pass) and
+    the bound port."""
+    loop = asyncio.get_running_loop()
+    transport, server = await loop.create_datagram_endpoint(
+        lambda: _GatedServer(configuration=configuration, create_protocol=create_protocol),
+        local_addr=(host, port),
+    )
+    server.gate = gate
+    _grow_buffers(transport.get_extra_info("socket"), UDP_BUFFER)
+    reader: SocketReader | None = None
+    if isinstance(loop, selector_events.BaseSelectorEventLoop) and hasattr(transport, "_sock"):
+        reader = SocketReader(transport, server, max_wait=max_wait, late_after=late_after)
+        if not reader.timestamps:
+            log.info("no arrival timestamps on this platform: no datagram is dropped for age")
+    else:
+        log.warning("event loop %s: reading one datagram per loop pass", type(loop).__name__)
+    sockname = transport.get_extra_info("sockname")
     bound = int(sockname[1]) if sockname else port
-    return server, bound
+    return server, reader, bound
 
 
 def server_connections(server: QuicServer) -> list[QuicConnectionProtocol]:

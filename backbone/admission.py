@@ -1,4 +1,5 @@
-"""Admission control: a token bucket for new sessions.  Pure: time comes in as ``now``."""
+"""Admission control: a token bucket for new sessions, applied at a new connection's first
+packet, before any TLS work.  Pure: time comes in as ``now``."""
 
 from __future__ import annotations
 
@@ -35,3 +36,28 @@ class TokenBucket:
             return 0.0
         self._refill(now)
         return 0.0 if self._tokens >= 1.0 else (1.0 - self._tokens) / self.rate
+
+
+class HandshakeGate:
+    """Decides on a new connection from its first packet, before any TLS work is done.
+
+    :meth:`check` returns None when the connection is admitted, else the reason:
+
+    * ``server_behind`` — that packet waited longer than ``behind_after`` seconds in the
+      server's socket: the server is not keeping up with the clients it has, and a
+      handshake now would push it further behind (no token is taken);
+    * ``overloaded`` — no token in ``bucket``: the session budget is spent.
+    """
+
+    __slots__ = ("behind_after", "bucket")
+
+    def __init__(self, bucket: TokenBucket, behind_after: float) -> None:
+        self.bucket = bucket
+        self.behind_after = behind_after
+
+    def check(self, now: float, waited: float) -> str | None:
+        if waited > self.behind_after:
+            return "server_behind"
+        if not self.bucket.try_take(now):
+            return "overloaded"
+        return None

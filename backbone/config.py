@@ -79,6 +79,33 @@ class ServerConfig(_Common):
     overload_window: float = Field(
         5.0, ge=0, description="a refused client is told to retry within this window"
     )
+    max_receive_delay: float = Field(
+        2.0,
+        ge=0,
+        description="datagrams that waited longer in the server's socket are dropped unread; "
+        "at most heartbeat_interval × (heartbeat_misses - 1) (0: never dropped)",
+    )
+
+    @property
+    def receive_delay_limit(self) -> float:
+        """Datagrams that waited longer in the socket are dropped (0: never).  At most
+        ``interval × (misses - 1)``: a steady queueing delay shorter than that only
+        delays the PONGs, a client still gets one per interval; a longer one costs the
+        clients their heartbeat budget anyway."""
+        if not self.max_receive_delay:
+            return 0.0
+        return min(self.max_receive_delay, self._stale_after)
+
+    @property
+    def _stale_after(self) -> float:
+        return self.heartbeat_interval * max(1, self.heartbeat_misses - 1)
+
+    @property
+    def behind_after(self) -> float:
+        """A datagram that waited longer than this in the socket, or a timer that fired
+        this late, means the server is behind: new handshakes are refused and heartbeat
+        evictions held.  Half the drop limit."""
+        return (self.receive_delay_limit or self._stale_after) / 2
 
     @model_validator(mode="after")
     def _check_server(self) -> Self:

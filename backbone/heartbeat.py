@@ -11,6 +11,10 @@ class HeartbeatMonitor:
 
     A client is evicted once ``interval × misses`` seconds pass with no ping
     (15 s × 3 = 45 s by default).
+
+    Unless the server itself was behind (:meth:`evict_at`): then the silence may be the
+    server's own fault — the pings may be waiting unread in its socket, or have been
+    dropped there — and the eviction is held, at most one more timeout.
     """
 
     interval: float
@@ -44,6 +48,14 @@ class HeartbeatMonitor:
 
     def is_expired(self, now: float) -> bool:
         return now >= self.deadline()
+
+    def evict_at(self, behind_at: float) -> float:
+        """When to evict, given the last time the server was behind its input: a full
+        timeout after the last ping or after ``behind_at``, whichever is later, but never
+        later than two timeouts after the last ping (a dead client is still evicted while
+        the server stays behind)."""
+        silent_since = max(self.last_heartbeat_at, behind_at)
+        return min(silent_since + self.timeout, self.last_heartbeat_at + 2 * self.timeout)
 
     def missed(self, now: float) -> int:
         """Whole intervals that passed without a ping."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -13,13 +14,15 @@ from . import propagation, signals
 from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
     QuicEndpoint,
+    Refusal,
+    SocketReader,
     peer_certificates,
     request_client_certificate,
     server_configuration,
     server_connections,
     start_server,
 )
-from .admission import TokenBucket
+from .admission import HandshakeGate, TokenBucket
 from .config import ServerConfig
 from .errors import (
     BackboneError,
@@ -99,15 +102,25 @@ class _ServerConnection(QuicEndpoint):
         self._arm(self.session.get_timer())
 
     def _on_timer(self) -> None:
-        self._hb_timer = None
+        timer, self._hb_timer = self._hb_timer, None
         if self.terminated_reported:
             return
-        verdict = self.session.check_timer(self._loop.time())
+        now = self._loop.time()
+        if timer is not None:
+            self.server._timer_fired(timer.when(), now)
+        verdict = self.session.check_timer(now)
         if verdict is None:
             self._arm(self.session.get_timer())
             return
         if verdict.code == ErrorCode.HEARTBEAT_TIMEOUT and self.link is not None:
             hb = self.session.heartbeat
+            evict_at = hb.evict_at(self.server.behind_at())
+            if now < evict_at:
+                # the server was behind during the silence: the pings may be waiting in
+                # its socket, or have been dropped there
+                log.debug("holding the eviction of %r until %.3f", self.link.client_id, evict_at)
+                self._arm(evict_at)
+                return
             if signals.wants(signals.on_timeout):
                 signals.emit(
                     signals.on_timeout,
@@ -232,6 +245,12 @@ class Server(HandlerOwner, PendingOwner):
         self.plugins: list[Plugin] = resolve_plugins(plugins)
         self.figures = Figures()
         self._sampler: asyncio.TimerHandle | None = None
+        self._reader: SocketReader | None = None
+        self._timers_late_at = -math.inf
+        self.refused_handshakes = 0
+        self._refusals_logged_at = -math.inf
+        self._refusals_unlogged = 0
+        self._dropped_reported = 0
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -266,13 +285,20 @@ class Server(HandlerOwner, PendingOwner):
             self.config.admission_burst,
             self._loop.time(),
         )
+        self._gate = HandshakeGate(self._admission, self.config.behind_after)
         self._wall_offset = time.time() - self._loop.time()
         for plugin in self.plugins:
             install_plugin(plugin, self)
         cfg = self.config
         qconf = server_configuration(cfg.certfile or "", cfg.keyfile, cfg.quic_idle_timeout)
-        self._quic_server, self._port = await start_server(
-            cfg.host, cfg.port, qconf, lambda quic, **kw: _ServerConnection(quic, self, **kw)
+        self._quic_server, self._reader, self._port = await start_server(
+            cfg.host,
+            cfg.port,
+            qconf,
+            lambda quic, **kw: _ServerConnection(quic, self, **kw),
+            gate=self._admit_handshake,
+            max_wait=cfg.receive_delay_limit,
+            late_after=cfg.behind_after,
         )
         self._sample()
         log.info("listening on %s:%d (QUIC, ALPN backbone/1)", cfg.host, self._port)
@@ -284,8 +310,69 @@ class Server(HandlerOwner, PendingOwner):
             )
 
     def _sample(self) -> None:
-        self.figures.sample(self._loop.time())
+        now = self._loop.time()
+        if self._sampler is not None:
+            self._timer_fired(self._sampler.when(), now)
+        reader = self._reader
+        if reader is not None and reader.dropped > self._dropped_reported:
+            log.warning(
+                "behind: dropped %d datagram(s) that waited more than %.2f s in the socket",
+                reader.dropped - self._dropped_reported,
+                reader.max_wait,
+            )
+            self._dropped_reported = reader.dropped
+        self.figures.sample(now)
         self._sampler = self._loop.call_later(1.0, self._sample)
+
+    # --- overload -------------------------------------------------------------------------
+    def _timer_fired(self, due: float, now: float) -> None:
+        """A timer that fires late means the loop is behind."""
+        if now - due > self.config.behind_after:
+            self._timers_late_at = now
+
+    def behind_at(self) -> float:
+        """The last time (loop clock) the server was behind its input: a datagram waited
+        too long in its socket, or was dropped there, or a timer fired late.  Heartbeat
+        evictions are held after it (:meth:`HeartbeatMonitor.evict_at`)."""
+        late_read = self._reader.late_at if self._reader is not None else -math.inf
+        return max(late_read, self._timers_late_at)
+
+    def _admit_handshake(self, peer: str) -> Refusal | None:
+        """The gate before the TLS handshake of a new connection: None to admit it.
+        ``overloaded`` (the session budget is spent) is answered with CONNECTION_REFUSED:
+        the client backs off.  ``server_behind`` is dropped: the client retransmits its
+        Initial after its own timeout, by when the server may have caught up — a burst of
+        handshakes that queues behind itself is slowed down, not failed."""
+        now = self._loop.time()
+        waited = self._reader.waited if self._reader is not None else 0.0
+        reason = self._gate.check(now, waited)
+        if reason is None:
+            return None
+        self.refused_handshakes += 1
+        self._refusals_unlogged += 1
+        if now - self._refusals_logged_at >= 1.0:  # one line per second at most
+            log.warning(
+                "refused %d new connection(s) before the TLS handshake (latest from %s: %s)",
+                self._refusals_unlogged,
+                peer,
+                reason,
+            )
+            self._refusals_logged_at = now
+            self._refusals_unlogged = 0
+        if signals.wants(signals.on_session_refused):
+            signals.emit(
+                signals.on_session_refused,
+                self,
+                SessionRefused(
+                    role="server",
+                    client_id="",  # not known before the handshake
+                    peer=peer,
+                    reason=reason,
+                    retry_after=self._admission.wait_time(now),
+                    window=self.config.overload_window,
+                ),
+            )
+        return Refusal(reason, close=reason != "server_behind")
 
     def stats(self) -> Stats:
         """Live figures (SC-010): connections, msgs/s in and out over the last ~10 s,
@@ -386,11 +473,9 @@ class Server(HandlerOwner, PendingOwner):
     def _refuse(
         self, conn: _ServerConnection, hello: Hello, reason: str, code: ErrorCode, window: float
     ) -> None:
-        """Tell a new client to come back later (GOAWAY with a spread window), then close."""
-        if self._closing:
-            retry_after = self.config.drain_retry_after
-        else:  # overloaded: come back when the bucket has room
-            retry_after = self._admission.wait_time(self._loop.time())
+        """Tell a new client to come back later (GOAWAY with a spread window), then close.
+        Only when shutting down: admission control refuses before the handshake."""
+        retry_after = self.config.drain_retry_after
         conn.write_now(
             MSG_STREAM,
             encode_json_frame(
@@ -428,11 +513,7 @@ class Server(HandlerOwner, PendingOwner):
             except AuthFailure as failure:
                 self._auth_failed(conn, hello.client_id, failure)
                 return
-        if not self._admission.try_take(now):
-            self._refuse(
-                conn, hello, "overloaded", ErrorCode.OVERLOADED, self.config.overload_window
-            )
-            return
+        # admission control (the token bucket) acted before the handshake: _admit_handshake
         self._session_seq += 1
         session_id = f"{self._server_id}-{self._session_seq}"
         conn.session_id = session_id

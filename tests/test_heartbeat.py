@@ -63,3 +63,25 @@ def test_ping_flood_is_detected_per_interval():
     m = HeartbeatMonitor(interval=1.0, misses=3, last_heartbeat_at=0.0, flood_limit=3)
     assert [m.flooding(0.1) for _ in range(4)] == [False, False, False, True]
     assert not m.flooding(1.2)  # a new interval starts over
+
+
+def test_eviction_is_exact_when_the_server_was_never_behind():
+    m = HeartbeatMonitor(interval=1.0, misses=3, last_heartbeat_at=10.0)
+    assert m.evict_at(behind_at=float("-inf")) == 13.0
+    assert m.evict_at(behind_at=9.0) == 13.0  # behind before the last ping: no excuse
+
+
+def test_eviction_is_held_while_the_server_is_behind():
+    m = HeartbeatMonitor(interval=1.0, misses=3, last_heartbeat_at=10.0)
+    # the server was behind at 12.5: the client's pings may be waiting in its socket,
+    # so the silence is counted from then
+    assert m.evict_at(behind_at=12.5) == 15.5
+    # a ping that finally gets read ends the hold
+    m.record(14.0)
+    assert m.evict_at(behind_at=12.5) == 17.0
+
+
+def test_a_dead_client_is_evicted_after_two_timeouts_even_if_the_server_stays_behind():
+    m = HeartbeatMonitor(interval=1.0, misses=3, last_heartbeat_at=10.0)
+    for behind_at in (13.0, 14.5, 15.99, 100.0):  # the server is behind at every check
+        assert m.evict_at(behind_at) == min(behind_at + 3.0, 16.0)

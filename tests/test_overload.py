@@ -1,0 +1,251 @@
+"""Overload: a server short of CPU degrades gracefully and recovers by itself.
+
+The server runs on its own event loop in a thread, so only the server is slowed; the 60
+clients and the test run on the test's loop.  For 4 s every datagram the server reads
+costs it an extra 3.5 ms (a blocking hook: a CPU shortfall of the kind tracemalloc or a
+busy machine causes).  That caps it at ~280 datagrams/s while its clients offer more:
+heartbeats every 0.2 s, the ACKs of the PONGs, WaitAck traffic, and then reconnects.
+
+Before the fix (docs/reliability.md §5.1) the datagrams queued for seconds in the 4 MiB
+socket buffer: the server read stale pings, evicted every client (60–95 heartbeat
+evictions in 4 s, some clients twice) and read only 0–45 pings of live sessions.  Now it
+drains its socket, drops datagrams that waited longer than two heartbeat intervals,
+holds evictions while it is behind and refuses new handshakes before the TLS
+work: it keeps reading pings (145–239), and every client is back soon after the overload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from backbone import AckTimeout, ClientGone, ClientNotConnected, Server, signals
+from backbone.admission import HandshakeGate, TokenBucket
+from backbone.events import Event
+
+from .conftest import Events
+
+T = TypeVar("T")
+
+CLIENTS = 60
+HEARTBEAT = dict(heartbeat_interval=0.2, heartbeat_misses=3)  # 0.6 s budget
+EXTRA_COST_PER_DATAGRAM = 0.0035  # the server reads at most ~280 datagrams/s
+PINGS_READ_AT_LEAST = 60  # during the overload; before the fix 0–45, after it 145–239
+OVERLOAD_SECONDS = 4.0
+SEND_EVERY = 0.5  # seconds between WaitAck sends to each client
+RECOVERY_BOUND = 6.0  # seconds after the overload until every client has a session again
+
+
+class ServerThread:
+    """A Server on its own event loop in a thread; ``slow`` makes each datagram it reads
+    cost ``EXTRA_COST_PER_DATAGRAM`` more (a blocking sleep on the server's loop)."""
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.slow = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.server: Server | None = None
+        self._started = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        server = Server("127.0.0.1", 0, **self.settings)
+
+        @server.handler
+        async def echo(msg: Any) -> Any:
+            return msg.payload
+
+        async with server:
+            quic_server = server._quic_server
+            receive = quic_server.datagram_received
+
+            def slow_receive(data: bytes, addr: Any) -> None:
+                if self.slow:
+                    time.sleep(EXTRA_COST_PER_DATAGRAM)
+                receive(data, addr)
+
+            quic_server.datagram_received = slow_receive
+            self.server = server
+            self._started.set()
+            await self._stop.wait()
+            await server.stop(grace=0)
+
+    async def start(self) -> Server:
+        self._thread.start()
+        await asyncio.to_thread(self._started.wait, 10)
+        assert self.server is not None
+        return self.server
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """Run a coroutine on the server's loop; awaitable from the test's loop."""
+        assert self.loop is not None
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self.loop))
+
+    async def stop(self) -> None:
+        if self.loop is not None and self._stop is not None:
+            self.loop.call_soon_threadsafe(self._stop.set)
+        await asyncio.to_thread(self._thread.join, 10)
+
+
+def record_events(events: Events) -> Callable[[Any, Event], None]:
+    """Events from both loops into ``events``, always on the test's loop."""
+    loop = asyncio.get_running_loop()
+    test_thread = threading.get_ident()
+
+    def receiver(sender: Any, event: Event) -> None:
+        if threading.get_ident() == test_thread:
+            events(sender, event)
+        else:
+            loop.call_soon_threadsafe(events, sender, event)
+
+    signals.on_event.connect(receiver, weak=False)
+    return receiver
+
+
+async def test_overloaded_server_degrades_gracefully_and_recovers(certs, make_client):
+    events = Events()
+    receiver = record_events(events)
+    st = ServerThread(
+        certfile=str(certs.server_cert), keyfile=str(certs.server_key), close_grace=0, **HEARTBEAT
+    )
+    server = await st.start()
+    handled: collections.Counter[tuple[str, int]] = collections.Counter()
+    clients = []
+    for i in range(CLIENTS):
+        client = make_client(f"ov{i:02d}", server.port, **HEARTBEAT, connect_timeout=3.0)
+
+        @client.handler
+        async def echo(msg: Any, cid: str = client.client_id) -> Any:
+            handled[(cid, msg.payload["n"])] += 1
+            return msg.payload
+
+        clients.append(client)
+    outcomes: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+    traffic_stop = asyncio.Event()
+
+    async def traffic(cid: str) -> None:
+        """A WaitAck send to one client every ``SEND_EVERY`` s, from the server's loop."""
+        n = 0
+        while not traffic_stop.is_set():
+            n += 1
+            try:
+                result = await st.run(server.send_to(cid, {"n": n}, wait_ack=True, timeout=2.0))
+                outcomes[(cid, n)].append("result" if result == {"n": n} else "wrong")
+            except ClientNotConnected:
+                outcomes[(cid, n)].append("not_connected")
+                with contextlib.suppress(TimeoutError):
+                    await events.wait_new("connected", timeout=0.5, role="server", client_id=cid)
+            except (AckTimeout, ClientGone) as exc:
+                outcomes[(cid, n)].append(type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(traffic_stop.wait(), SEND_EVERY)
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            for c in clients:
+                await stack.enter_async_context(c)
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(c.wait_connected() for c in clients))
+            senders = [asyncio.create_task(traffic(c.client_id)) for c in clients]
+            events.items.clear()
+
+            st.slow = True
+            await asyncio.sleep(OVERLOAD_SECONDS)  # the overload lasts this long
+            st.slow = False
+            overload_ended = time.monotonic()
+            during = list(events.items)
+            # every client has a session again, and the server agrees
+            try:
+                async with asyncio.timeout(RECOVERY_BOUND):
+                    while not (
+                        all(c.connected for c in clients)
+                        and set(await st.run(_client_ids(server))) == {c.client_id for c in clients}
+                    ):
+                        with contextlib.suppress(TimeoutError):
+                            await events.wait_new("connected", timeout=0.2, role="client")
+                recovered_in: float | None = time.monotonic() - overload_ended
+            except TimeoutError:
+                recovered_in = None
+            connected_at_bound = sum(c.connected for c in clients)
+            traffic_stop.set()
+            async with asyncio.timeout(10):  # every send resolves (ack timeout 2 s)
+                await asyncio.gather(*senders)
+    finally:
+        await st.stop()
+        signals.on_event.disconnect(receiver)
+
+    kinds = collections.Counter(
+        (e.kind, e.role, getattr(e, "reason", ""))
+        for e in during
+        if e.kind in ("disconnected", "session.refused", "heartbeat.timed_out", "connected")
+    )
+    evicted = kinds[("heartbeat.timed_out", "server", "")]
+    pings_read = sum(1 for e in during if e.kind == "heartbeat.received")
+    results = collections.Counter(o for seq in outcomes.values() for o in seq)
+    print(
+        f"\noverload {OVERLOAD_SECONDS:g} s ({EXTRA_COST_PER_DATAGRAM * 1000:g} ms more per "
+        f"datagram): {evicted} heartbeat evictions, {pings_read} pings read; all {CLIENTS} "
+        f"clients back {'never' if recovered_in is None else f'{recovered_in:.2f} s'} after it "
+        f"({connected_at_bound} at the bound); outcomes {dict(results)}; during it {dict(kinds)}"
+    )
+    # graceful: the server kept reading its clients' pings
+    assert pings_read >= PINGS_READ_AT_LEAST
+    # and recovered by itself
+    assert recovered_in is not None, f"{connected_at_bound} of {CLIENTS} clients connected"
+
+    # each send resolved exactly once, and a result is the right one
+    assert all(len(seq) == 1 for seq in outcomes.values())
+    sent = sum(1 for seq in outcomes.values() if seq != ["not_connected"])
+    endings = collections.Counter(
+        e.msg_id
+        for e in events.items
+        if e.role == "server" and e.kind in ("ack.received", "ack.timed_out", "ack.failed")
+    )
+    assert len(endings) == sent and set(endings.values()) == {1}
+    assert results["wrong"] == 0
+    # no message was handled twice
+    assert max(handled.values()) == 1
+    assert results["result"] > 0
+
+
+async def _client_ids(server: Server) -> list[str]:
+    return server.client_ids()
+
+
+# --- the gate before the handshake ---------------------------------------------------------
+
+
+def test_gate_admits_within_the_budget_and_none_while_behind():
+    gate = HandshakeGate(TokenBucket(rate=100.0, burst=5, now=0.0), behind_after=0.1)
+    assert [gate.check(0.0, waited=0.0) for _ in range(6)] == [None] * 5 + ["overloaded"]
+    assert gate.check(0.01, waited=0.0) is None  # the bucket refilled one token
+    # behind: refused whatever the bucket holds, and without taking a token
+    assert gate.check(1.0, waited=0.5) == "server_behind"
+    assert [gate.check(1.0, waited=0.1) for _ in range(6)] == [None] * 5 + ["overloaded"]
+
+
+async def test_a_refused_connection_fails_at_once_before_the_tls_handshake(
+    make_server, make_client, events
+):
+    async with make_server(max_new_sessions_per_second=0.01, admission_burst=1) as server:
+        first = make_client("first", server.port)
+        second = make_client("second", server.port, connect_timeout=5.0)
+        async with first:
+            await first.wait_connected(5)
+            t0 = time.monotonic()
+            async with second:
+                failed = await events.wait("connect.failed", client_id="second")
+            assert time.monotonic() - t0 < 1.0  # refused, not timed out
+        assert "0x2" in failed.detail  # QUIC CONNECTION_REFUSED
+        refused = await events.wait("session.refused", reason="overloaded")
+        assert refused.client_id == "" and refused.peer.startswith("127.0.0.1:")
+        assert server.refused_handshakes >= 1
+        assert [e.client_id for e in events.of("connected", role="server")] == ["first"]
