@@ -73,6 +73,8 @@ log = logging.getLogger("backbone.quic")
 # aioquic's TLS alerts arrive as QUIC CRYPTO_ERROR 0x100 + alert
 CRYPTO_ERROR_BASE = 0x100
 CRYPTO_ERROR_MAX = 0x1FF
+#: the transport close code of a connection refused before its handshake
+CONNECTION_REFUSED = int(QuicErrorCode.CONNECTION_REFUSED)
 
 
 def server_configuration(
@@ -130,6 +132,9 @@ class QuicEndpoint(QuicConnectionProtocol):
         self.terminated_reported = False
         self.refused = False
         self.close_code: int | None = None
+        #: the close was a QUIC transport close (CONNECTION_CLOSE 0x1c, e.g. the server's
+        #: CONNECTION_REFUSED before the handshake), not one of backbone's application codes
+        self.close_by_transport = False
         self.close_reason = ""
         self.closed_by_peer = False
         self.reason: str | None = None  # our reason, when we closed it
@@ -160,12 +165,14 @@ class QuicEndpoint(QuicConnectionProtocol):
             if not self.terminated_reported:
                 self.stream_data(event.stream_id, b"", True)
         elif isinstance(event, ConnectionTerminated):
+            self.close_by_transport = event.frame_type is not None
             self._report_terminated(event.error_code, event.reason_phrase, by_peer=True)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         super().datagram_received(data, addr)
         close_event = self._quic._close_event
         if close_event is not None and not self.terminated_reported:
+            self.close_by_transport = close_event.frame_type is not None
             self._report_terminated(close_event.error_code, close_event.reason_phrase, True)
 
     def error_received(self, exc: Exception) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from . import signals
 from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
+    CONNECTION_REFUSED,
     CRYPTO_ERROR_BASE,
     CRYPTO_ERROR_MAX,
     QuicEndpoint,
@@ -196,9 +197,12 @@ class _ClientConnection(QuicEndpoint):
             self.welcomed.exception()
 
 
-def _close_category(code: int) -> str:
+def _close_category(code: int, by_transport: bool = False) -> str:
     if CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_MAX:
         return "tls"
+    if by_transport:
+        # the server's admission gate refuses before the handshake with CONNECTION_REFUSED
+        return "rejected" if code == CONNECTION_REFUSED else "protocol"
     if code in (ErrorCode.AUTH_FAILED,):
         return "auth"
     if code in (ErrorCode.OVERLOADED, ErrorCode.GOING_AWAY):
@@ -362,7 +366,11 @@ class Client(HandlerOwner, PendingOwner):
                     if conn is not None and conn.refused:
                         raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
                     code = conn.close_code if conn is not None else None
-                    cat = _close_category(code) if code is not None else "error"
+                    cat = (
+                        _close_category(code, conn.close_by_transport)
+                        if conn is not None and code is not None
+                        else "error"
+                    )
                     raise ConnectError(cat, str(exc)) from None
                 conn = holder[0]
                 self._conn = conn

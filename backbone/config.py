@@ -77,7 +77,10 @@ class ServerConfig(_Common):
         100, ge=1, description="admission control: new sessions allowed in one burst"
     )
     overload_window: float = Field(
-        5.0, ge=0, description="a refused client is told to retry within this window"
+        5.0,
+        ge=0,
+        description="the spread window reported with session.refused (admission control "
+        "refuses before the handshake; refused clients back off on their own)",
     )
     max_receive_delay: float = Field(
         2.0,

@@ -289,13 +289,16 @@ class AuthenticationFailed(Event):
 
 
 class SessionRefused(Event):
-    """The server refused a new session (admission control, or it is shutting down) and
-    told the client when to come back."""
+    """The server refused a new session.  Admission control refuses a new connection at
+    its first packet, before the TLS handshake (``overloaded``: answered with QUIC
+    CONNECTION_REFUSED; ``server_behind``: dropped, the client retransmits), so
+    ``client_id`` is None then.  While shutting down the server refuses a HELLO with
+    GOAWAY (``shutting_down``), telling the client when to come back."""
 
     kind: Literal["session.refused"] = "session.refused"
-    client_id: str
+    client_id: str | None  # None when refused before the handshake (not known yet)
     peer: str
-    reason: str  # overloaded | shutting_down
+    reason: str  # overloaded | server_behind (both before the handshake) | shutting_down
     retry_after: float
     window: float
 

@@ -365,7 +365,7 @@ class Server(HandlerOwner, PendingOwner):
                 self,
                 SessionRefused(
                     role="server",
-                    client_id="",  # not known before the handshake
+                    client_id=None,  # not known before the handshake
                     peer=peer,
                     reason=reason,
                     retry_after=self._admission.wait_time(now),

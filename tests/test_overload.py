@@ -245,7 +245,8 @@ async def test_a_refused_connection_fails_at_once_before_the_tls_handshake(
                 failed = await events.wait("connect.failed", client_id="second")
             assert time.monotonic() - t0 < 1.0  # refused, not timed out
         assert "0x2" in failed.detail  # QUIC CONNECTION_REFUSED
+        assert failed.reason == "rejected"  # not mistaken for FRAME_TOO_LARGE (app code 0x2)
         refused = await events.wait("session.refused", reason="overloaded")
-        assert refused.client_id == "" and refused.peer.startswith("127.0.0.1:")
+        assert refused.client_id is None and refused.peer.startswith("127.0.0.1:")
         assert server.refused_handshakes >= 1
         assert [e.client_id for e in events.of("connected", role="server")] == ["first"]
