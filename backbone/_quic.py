@@ -32,6 +32,7 @@ And of asyncio (CPython's selector event loop):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import socket
@@ -496,6 +497,23 @@ def server_connections(server: QuicServer) -> list[QuicConnectionProtocol]:
     return list(set(server._protocols.values()))
 
 
+async def _resolve(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> tuple[socket.AddressFamily, Any]:
+    """The address to connect to.  An IP literal needs no lookup: ``loop.getaddrinfo``
+    would still go through the default thread pool, a few ms on a busy machine (and
+    every client of a reconnect storm queueing for the same few threads)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        family, _, _, _, addr = infos[0]
+        return family, addr
+    if ip.version == 6:
+        return socket.AF_INET6, (str(ip), port, 0, 0)
+    return socket.AF_INET, (str(ip), port)
+
+
 async def open_connection(
     host: str,
     port: int,
@@ -505,8 +523,7 @@ async def open_connection(
     """Start a QUIC client connection and wait for the handshake.  The caller applies the
     timeout; on failure the socket is closed and the error propagates."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    family, _, _, _, addr = infos[0]
+    family, addr = await _resolve(loop, host, port)
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.bind(("::", 0, 0, 0) if family == socket.AF_INET6 else ("0.0.0.0", 0))
