@@ -267,9 +267,12 @@ def section(r: dict[str, Any]) -> str:
         "`AckTimeout` a result later than the timeout.  RSS is sampled every 10 s; warm-up is "
         "the first minute (or 20 % of a shorter run).  The receive queue is what the kernel "
         "holds for the server's UDP socket (`/proc/net/udp`, including per-datagram "
-        "overhead): when the server's event loop falls behind, datagrams wait there — "
-        "asyncio reads one datagram per socket per loop pass — and that wait adds to every "
-        "latency, heartbeats included.",
+        "overhead): when the server's event loop falls behind, datagrams wait there (the "
+        "server drains up to 128 per readiness callback and drops those that waited longer "
+        "than `max_receive_delay`), and that wait adds to every latency, heartbeats "
+        "included.  The heartbeat timeouts are clients that gave up on the server (or the "
+        "server on them) while the shared machine starved the processes; every one of "
+        "their pending results still ended in a definite error.",
         SECTION_END,
     ]
     return "\n".join(lines)
