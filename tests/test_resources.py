@@ -215,3 +215,36 @@ async def test_a_client_that_stops_reading_is_bounded_and_isolated(
     assert out["latency"]["max"] < 0.5
     assert all(b < 64 * 1024 for b in fine_buffered)
     assert disconnects == [] and pending == 0
+
+
+async def test_server_connections_give_back_their_handshake_buffers(make_server, make_client):
+    """After the handshake a server connection keeps no Initial/Handshake CRYPTO buffers
+    (aioquic would keep 2 × 16 KiB for the connection's life), and messaging still works
+    both ways afterwards."""
+    from aioquic.tls import Epoch
+
+    from backbone._quic import server_connections
+
+    async with make_server() as server:
+        server.handler(lambda m: m.payload)
+        clients = [make_client(f"dev-{i}", server.port) for i in range(3)]
+        for c in clients:
+            c.handler(lambda m: m.payload)
+            await c.start()
+        try:
+            for c in clients:
+                await c.wait_connected(5)
+            conns = server_connections(server._quic_server)
+            assert len(conns) == 3
+            for conn in conns:
+                quic = conn._quic
+                for epoch in (Epoch.INITIAL, Epoch.HANDSHAKE):
+                    assert quic._spaces[epoch].discarded
+                    assert quic._crypto_buffers[epoch].capacity == 0
+                assert quic._crypto_buffers[Epoch.ONE_RTT].capacity > 0
+            for i, c in enumerate(clients):
+                assert await server.send_to(f"dev-{i}", {"n": i}, wait_ack=True) == {"n": i}
+                assert await c.send([i], wait_ack=True) == [i]
+        finally:
+            for c in clients:
+                await c.close()
