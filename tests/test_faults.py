@@ -359,6 +359,7 @@ async def test_b_five_second_outage_every_client_reconnects(make_server, make_cl
             async with started(*clients):
                 relay.blackhole = True
                 t_cut = time.perf_counter()
+                cut_at = asyncio.get_running_loop().time()
                 # sent into the outage: fails with ClientGone when the client is evicted
                 lost = [
                     asyncio.ensure_future(
@@ -371,6 +372,8 @@ async def test_b_five_second_outage_every_client_reconnects(make_server, make_cl
                         "heartbeat.timed_out", role="server", client_id=cid, timeout=5
                     )
                 evicted_after = time.perf_counter() - t_cut
+                # evictions are held, one more timeout at most, while the server is behind
+                b_budget = 1.5 * (2 if server.behind_at() >= cut_at - 1.5 else 1)
                 outcomes = await asyncio.gather(*lost, return_exceptions=True)
                 assert [type(o) for o in outcomes] == [ClientGone] * 5
                 t0 = time.perf_counter()
@@ -403,7 +406,7 @@ async def test_b_five_second_outage_every_client_reconnects(make_server, make_cl
         outage_plus_reconnect=5.0 + worst,
     )
     assert out["results_ok"] == 100 and out["errors"] == {}
-    assert evicted_after <= 1.5 + 0.5
+    assert evicted_after <= b_budget + 0.5
     # backoff is capped at 2 s and a connect attempt lasts at most 1.5 s
     assert worst <= backoff_max + 1.5 + 1.5  # well inside 60 s
     for cid in ids:
@@ -564,6 +567,7 @@ async def test_d_partitioned_clients_are_evicted_and_the_rest_see_nothing(
                 mark = events.items[-1].seq
                 cut_relay.blackhole = True  # the partition: both directions, whole group
                 t_cut = time.perf_counter()
+                cut_at = asyncio.get_running_loop().time()
                 after = [
                     asyncio.ensure_future(server.send_to(cid, "y", wait_ack=True, timeout=30))
                     for cid in cut_ids
@@ -598,6 +602,9 @@ async def test_d_partitioned_clients_are_evicted_and_the_rest_see_nothing(
                     )
                     evicted[cid] = time.perf_counter() - t_cut
                     assert ev.silent_for >= hb * misses
+                # a server that was behind its input (a stalled loop: GC, a busy machine)
+                # holds evictions, for at most one more timeout (docs/reliability.md §5.1)
+                was_behind = server.behind_at() >= cut_at - hb * misses
                 outcomes = await asyncio.gather(*before, *after, return_exceptions=True)
                 failed_after = time.perf_counter() - t_cut
                 stop.set()
@@ -623,8 +630,9 @@ async def test_d_partitioned_clients_are_evicted_and_the_rest_see_nothing(
             ok_relay.close()
     assert [type(o) for o in outcomes] == [ClientGone] * 4
     assert all(o.reason == "heartbeat_timeout" for o in outcomes)
+    budget = hb * misses * (2 if was_behind else 1)
     for cid in cut_ids:
-        assert hb * misses - hb <= evicted[cid] <= hb * misses + 0.5, evicted
+        assert hb * misses - hb <= evicted[cid] <= budget + 0.5, (evicted, was_behind)
     # the rest: no error, no disconnect, and latency as before
     assert base["errors"] == {} and post["errors"] == {}
     assert post["results_ok"] == 100 and base["results_ok"] == 200
@@ -686,11 +694,14 @@ async def test_e_client_process_sigkill_is_evicted_in_interval_times_misses(
                 await events.wait("heartbeat.received", client_id="doomed-0", timeout=5)
                 agent.kill()
                 t_kill = time.perf_counter()
+                kill_at = asyncio.get_running_loop().time()
                 await agent.proc.wait()
                 ev = await events.wait(
                     "heartbeat.timed_out", role="server", client_id="doomed-0", timeout=10
                 )
                 evicted_after = time.perf_counter() - t_kill
+                # held (one more timeout at most) if the server was behind meanwhile
+                e_budget = hb * misses * (2 if server.behind_at() >= kill_at - hb * misses else 1)
                 with pytest.raises(ClientGone):
                     await pending
                 assert server.client("doomed-0") is None
@@ -709,7 +720,7 @@ async def test_e_client_process_sigkill_is_evicted_in_interval_times_misses(
         silent_for=ev.silent_for,
         survivor_max_latency=out["latency"]["max"],
     )
-    assert evicted_after <= hb * misses + 0.5
+    assert evicted_after <= e_budget + 0.5
     assert ev.silent_for >= hb * misses
     assert out["results_ok"] == 50 and out["errors"] == {}
     assert survivor_trouble == []
