@@ -612,6 +612,53 @@ async def raw_server_main(args: argparse.Namespace) -> None:
     )
 
 
+async def _serve_generator(
+    args: argparse.Namespace,
+    one: Any,
+    tasks: list[asyncio.Task[None]],
+    state: dict[str, Any],
+    arrivals: Arrivals,
+) -> None:
+    """The command loop of a baseline load generator (raw aioquic or websockets): ``grow``
+    starts clients with ``one(index)`` at a paced rate (at most ``inflight`` connecting at
+    a time), ``status`` / ``recv`` / ``stop`` report and end them."""
+
+    async def grow(cmd: dict[str, Any]) -> dict[str, Any]:
+        total, rate = int(cmd["total"]), float(cmd["rate"])
+        inflight = int(cmd.get("inflight", 25))
+        t0 = time.perf_counter()
+        k = 0
+        while len(tasks) < total:
+            while state["connecting"] >= inflight:
+                await asyncio.sleep(0.02)
+                t0 = time.perf_counter() - k / rate
+            tasks.append(asyncio.ensure_future(one(args.start + len(tasks))))
+            k += 1
+            await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
+        return {"started": len(tasks)}
+
+    async def status(cmd: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "started": len(tasks),
+            "connected": state["connected"],
+            "failures": dict(state["failures"]),
+            "gave_up": 0,
+            "rss_kib": rss_kib(),
+        }
+
+    async def recv(cmd: dict[str, Any]) -> dict[str, Any]:
+        return arrivals.get(int(cmd["bid"]))
+
+    async def stop(cmd: dict[str, Any]) -> dict[str, Any]:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {}
+
+    _out({"event": "ready", "pid": os.getpid(), "nofile": raise_nofile()})
+    await _command_loop({"grow": grow, "status": status, "recv": recv, "stop": stop})
+
+
 async def raw_clients_main(args: argparse.Namespace) -> None:
     from aioquic.asyncio.client import connect
     from aioquic.quic.configuration import QuicConfiguration
@@ -667,40 +714,7 @@ async def raw_clients_main(args: argparse.Namespace) -> None:
             if pending:
                 state["connecting"] -= 1
 
-    async def grow(cmd: dict[str, Any]) -> dict[str, Any]:
-        total, rate = int(cmd["total"]), float(cmd["rate"])
-        inflight = int(cmd.get("inflight", 25))
-        t0 = time.perf_counter()
-        k = 0
-        while len(tasks) < total:
-            while state["connecting"] >= inflight:
-                await asyncio.sleep(0.02)
-                t0 = time.perf_counter() - k / rate
-            tasks.append(asyncio.ensure_future(one(args.start + len(tasks))))
-            k += 1
-            await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
-        return {"started": len(tasks)}
-
-    async def status(cmd: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "started": len(tasks),
-            "connected": state["connected"],
-            "failures": dict(state["failures"]),
-            "gave_up": 0,
-            "rss_kib": rss_kib(),
-        }
-
-    async def recv(cmd: dict[str, Any]) -> dict[str, Any]:
-        return arrivals.get(int(cmd["bid"]))
-
-    async def stop(cmd: dict[str, Any]) -> dict[str, Any]:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return {}
-
-    _out({"event": "ready", "pid": os.getpid(), "nofile": raise_nofile()})
-    await _command_loop({"grow": grow, "status": status, "recv": recv, "stop": stop})
+    await _serve_generator(args, one, tasks, state, arrivals)
 
 
 # --- websockets over TLS ----------------------------------------------------------------------
@@ -851,40 +865,7 @@ async def ws_clients_main(args: argparse.Namespace) -> None:
             if pending:
                 state["connecting"] -= 1
 
-    async def grow(cmd: dict[str, Any]) -> dict[str, Any]:
-        total, rate = int(cmd["total"]), float(cmd["rate"])
-        inflight = int(cmd.get("inflight", 25))
-        t0 = time.perf_counter()
-        k = 0
-        while len(tasks) < total:
-            while state["connecting"] >= inflight:
-                await asyncio.sleep(0.02)
-                t0 = time.perf_counter() - k / rate
-            tasks.append(asyncio.ensure_future(one(args.start + len(tasks))))
-            k += 1
-            await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
-        return {"started": len(tasks)}
-
-    async def status(cmd: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "started": len(tasks),
-            "connected": state["connected"],
-            "failures": dict(state["failures"]),
-            "gave_up": 0,
-            "rss_kib": rss_kib(),
-        }
-
-    async def recv(cmd: dict[str, Any]) -> dict[str, Any]:
-        return arrivals.get(int(cmd["bid"]))
-
-    async def stop(cmd: dict[str, Any]) -> dict[str, Any]:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return {}
-
-    _out({"event": "ready", "pid": os.getpid(), "nofile": raise_nofile()})
-    await _command_loop({"grow": grow, "status": status, "recv": recv, "stop": stop})
+    await _serve_generator(args, one, tasks, state, arrivals)
 
 
 # --- entry point ----------------------------------------------------------------------------
