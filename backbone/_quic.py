@@ -17,6 +17,8 @@ Private attributes used, each wrapped in one small function below:
   :mod:`backbone.identity`).  Session tickets are never issued, so no resumed handshake
   skips the certificate.
 * ``QuicConnectionProtocol._quic`` / ``_transmit_soon`` (protected API meant for subclasses).
+* ``QuicConnection._spaces[ONE_RTT].ack_at`` — a pending ACK is sent with our stream data
+  rather than in a datagram of its own a millisecond later (:meth:`QuicEndpoint.write_now`).
 * ``QuicConnection._spaces`` / ``_crypto_buffers`` / ``_crypto_streams`` — a server
   connection gives back its Initial and Handshake CRYPTO buffers once both epochs are
   discarded (:func:`release_handshake_memory`), and ``aioquic.quic.connection.EPOCHS`` is
@@ -219,8 +221,19 @@ class QuicEndpoint(QuicConnectionProtocol):
         self._transmit_soon()
 
     def write_now(self, stream_id: int, data: bytes) -> None:
-        """Queue stream data and transmit at once (the caller already coalesced)."""
-        self._quic.send_stream_data(stream_id, data)
+        """Queue stream data and transmit at once (the caller already coalesced).
+
+        An acknowledgement that is pending goes out with the data.  aioquic sends an ACK
+        ``K_GRANULARITY`` (1 ms) after the packet that needs it, and only when due, so a
+        RESULT written in the loop pass after its MESSAGE arrived left in one datagram
+        and the ACK of that MESSAGE in another one a millisecond later: twice the
+        datagrams, each costing both ends a full receive path.  Acknowledging early is
+        always allowed (RFC 9000 §13.2.1)."""
+        quic = self._quic
+        quic.send_stream_data(stream_id, data)
+        space = quic._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = min(space.ack_at, self._loop.time())
         self.transmit()
 
     def shut(self, reason: str, code: int, detail: str = "") -> None:
