@@ -515,32 +515,18 @@ def _raw_proto_classes() -> tuple[type, type]:
     return RawServerProto, RawClientProto
 
 
-async def raw_server_main(args: argparse.Namespace) -> None:
-    from aioquic.asyncio.server import serve
-    from aioquic.quic.configuration import QuicConfiguration
+def _send_each(conns: list[Any], frame: bytes) -> None:
+    for proto in conns:
+        proto.send(frame)
 
-    raise_nofile()
-    if args.tracemalloc:
-        import tracemalloc
 
-        tracemalloc.start(args.tracemalloc)
-    server_cls, _ = _raw_proto_classes()
-    registry: set[Any] = set()
-    results: dict[bytes, list[Any]] = {}
-    server_cls.registry = registry
-    server_cls.results = results
-    server_cls.release = bool(args.release)
-    config = QuicConfiguration(is_client=False, alpn_protocols=["backbone/1"], idle_timeout=60.0)
-    config.load_cert_chain(args.cert, args.key)
-    srv = await serve(args.host, args.port, configuration=config, create_protocol=server_cls)
-    sock = srv._transport.get_extra_info("socket")
-    for opt in (0x8, 0x7):  # SO_RCVBUF, SO_SNDBUF, as backbone does
-        with contextlib.suppress(OSError):
-            sock.setsockopt(1, opt, 4 * 1024 * 1024)
-    port = srv._transport.get_extra_info("sockname")[1]
-    _out({"event": "listening", "port": port, "pid": os.getpid(), "t": time.time()})
-    if args.sample:
-        _keep.append(asyncio.ensure_future(_sampler(lambda: len(registry))))
+def _baseline_broadcast_commands(
+    registry: Any, results: dict[bytes, list[Any]], write_all: Any
+) -> dict[str, Any]:
+    """``count``, ``broadcast`` and ``bcast_loop`` of a baseline server (raw aioquic or
+    websockets): ``registry`` holds its connected clients, ``results`` the WaitAck
+    waiters ``[results, expected, future]`` by MsgID, and ``write_all(conns, frame)``
+    writes one frame to each."""
     seq = [0]
 
     def do_broadcast(bid: int, wait: bool, pad: str = "") -> list[Any] | None:
@@ -555,8 +541,7 @@ async def raw_server_main(args: argparse.Namespace) -> None:
         if wait:
             waiter = [0, len(conns), asyncio.get_running_loop().create_future()]
             results[msg_id] = waiter
-        for proto in conns:
-            proto.send(frame)
+        write_all(conns, frame)
         return waiter
 
     async def count(cmd: dict[str, Any]) -> dict[str, Any]:
@@ -592,6 +577,37 @@ async def raw_server_main(args: argparse.Namespace) -> None:
 
         return await _bcast_loop(cmd, one)
 
+    return {"count": count, "broadcast": broadcast, "bcast_loop": bcast_loop}
+
+
+async def raw_server_main(args: argparse.Namespace) -> None:
+    from aioquic.asyncio.server import serve
+    from aioquic.quic.configuration import QuicConfiguration
+
+    raise_nofile()
+    if args.tracemalloc:
+        import tracemalloc
+
+        tracemalloc.start(args.tracemalloc)
+    server_cls, _ = _raw_proto_classes()
+    registry: set[Any] = set()
+    results: dict[bytes, list[Any]] = {}
+    server_cls.registry = registry
+    server_cls.results = results
+    server_cls.release = bool(args.release)
+    config = QuicConfiguration(is_client=False, alpn_protocols=["backbone/1"], idle_timeout=60.0)
+    config.load_cert_chain(args.cert, args.key)
+    srv = await serve(args.host, args.port, configuration=config, create_protocol=server_cls)
+    sock = srv._transport.get_extra_info("socket")
+    for opt in (0x8, 0x7):  # SO_RCVBUF, SO_SNDBUF, as backbone does
+        with contextlib.suppress(OSError):
+            sock.setsockopt(1, opt, 4 * 1024 * 1024)
+    port = srv._transport.get_extra_info("sockname")[1]
+    _out({"event": "listening", "port": port, "pid": os.getpid(), "t": time.time()})
+    if args.sample:
+        _keep.append(asyncio.ensure_future(_sampler(lambda: len(registry))))
+    commands = _baseline_broadcast_commands(registry, results, _send_each)
+
     async def mem(cmd: dict[str, Any]) -> dict[str, Any]:
         return _mem_report(cmd)
 
@@ -601,9 +617,7 @@ async def raw_server_main(args: argparse.Namespace) -> None:
 
     await _command_loop(
         {
-            "count": count,
-            "broadcast": broadcast,
-            "bcast_loop": bcast_loop,
+            **commands,
             "mem": mem,
             "prof_start": prof_start,
             "prof_stop": prof_stop,
@@ -761,63 +775,13 @@ async def ws_server_main(args: argparse.Namespace) -> None:
     )
     port = next(iter(srv.sockets)).getsockname()[1]
     _out({"event": "listening", "port": port, "pid": os.getpid(), "t": time.time()})
-    seq = [0]
-
-    def do_broadcast(bid: int, wait: bool, pad: str = "") -> list[Any] | None:
-        seq[0] += 1
-        msg_id = seq[0].to_bytes(16, "big")
-        payload: dict[str, Any] = {"b": bid}
-        if pad:
-            payload["pad"] = pad
-        frame = data_frame(MESSAGE, FLAG_WAIT_ACK if wait else 0, msg_id, orjson.dumps(payload))
-        conns = list(registry)
-        waiter = None
-        if wait:
-            waiter = [0, len(conns), asyncio.get_running_loop().create_future()]
-            results[msg_id] = waiter
-        ws_broadcast(conns, frame)
-        return waiter
-
-    async def count(cmd: dict[str, Any]) -> dict[str, Any]:
-        return {"clients": len(registry), "t": time.time()}
-
-    async def broadcast(cmd: dict[str, Any]) -> dict[str, Any]:
-        wait = bool(cmd.get("wait_ack"))
-        n = len(registry)
-        t0 = time.time()
-        p0 = time.perf_counter()
-        waiter = do_broadcast(int(cmd["bid"]), wait)
-        sent = await _flushed(p0)
-        got = 0
-        if waiter is not None:
-            if waiter[1]:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        asyncio.shield(waiter[2]), float(cmd.get("timeout_s", 30))
-                    )
-            got = waiter[0]
-        return {
-            "clients": n,
-            "t0": t0,
-            "call": time.perf_counter() - p0,
-            "sent": sent,
-            "results": got,
-            "errors": {},
-        }
-
-    async def bcast_loop(cmd: dict[str, Any]) -> dict[str, Any]:
-        async def one(bid: int) -> None:
-            do_broadcast(bid, False, "x" * 100)
-
-        return await _bcast_loop(cmd, one)
+    commands = _baseline_broadcast_commands(registry, results, ws_broadcast)
 
     async def stop(cmd: dict[str, Any]) -> dict[str, Any]:
         srv.close()
         return {}
 
-    await _command_loop(
-        {"count": count, "broadcast": broadcast, "bcast_loop": bcast_loop, "stop": stop}
-    )
+    await _command_loop({**commands, "stop": stop})
 
 
 async def ws_clients_main(args: argparse.Namespace) -> None:
