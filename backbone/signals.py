@@ -198,17 +198,18 @@ for _signal in ALL_SIGNALS:
     _signal.receiver_disconnected.connect(_clear_routes, weak=False)
 
 
+def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
+    if not signal.receivers:
+        return
+    for receiver in _route(signal, sender):
+        try:
+            receiver(sender, event=event)
+        except Exception:
+            _failed(signal, receiver, event)
+
+
 def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
     """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated."""
-    if signal.receivers:
-        for receiver in _route(signal, sender):
-            try:
-                receiver(sender, event=event)
-            except Exception:
-                _failed(signal, receiver, event)
-    if signal is not on_event and on_event.receivers:
-        for receiver in _route(on_event, sender):
-            try:
-                receiver(sender, event=event)
-            except Exception:
-                _failed(on_event, receiver, event)
+    _deliver(signal, sender, event)
+    if signal is not on_event:
+        _deliver(on_event, sender, event)
