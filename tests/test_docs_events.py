@@ -18,3 +18,7 @@ def test_every_signal_is_listed():
     names = {name for name in dir(signals) if name.startswith("on_")}
     for name in names:
         assert f"`{name}`" in DOC, name
+
+
+def test_the_signal_count_is_right():
+    assert f"a tuple of all {len(signals.ALL_SIGNALS)} signals" in DOC
