@@ -402,6 +402,7 @@ def serve(
     see docs/configuration.md.  Logs go to stderr.  SIGTERM or Ctrl-C drains: clients
     are told to reconnect elsewhere, pending results get close_grace seconds.
     """
+    from .reset import is_hex_key
     from .settings import ServeSettings, SettingsError, missing_files
 
     if certs_dir is not None:
@@ -437,8 +438,15 @@ def serve(
             "or --certfile, or --certs DIR (`backbone certs init` makes development ones)",
             EXIT_USAGE,
         )
+    reset_key = settings.stateless_reset_key
+    reset_key_file = reset_key.get_secret_value() if reset_key is not None else None
     problems = missing_files(
-        certfile=settings.certfile, keyfile=settings.keyfile, client_cafile=settings.client_cafile
+        certfile=settings.certfile,
+        keyfile=settings.keyfile,
+        client_cafile=settings.client_cafile,
+        stateless_reset_key=None
+        if reset_key_file is None or is_hex_key(reset_key_file)
+        else reset_key_file,
     )
     if problems:
         raise CliError("; ".join(problems), EXIT_USAGE)
@@ -847,6 +855,7 @@ def stats_pairs(stats: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("result latency avg", millis(stats.get("ack_latency_avg"))),
         ("result latency p99", millis(stats.get("ack_latency_p99"))),
         ("sends refused", str(stats.get("rejected"))),
+        ("stateless resets sent", str(stats.get("stateless_resets", 0))),
     ]
 
 

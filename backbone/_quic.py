@@ -27,6 +27,17 @@ Private attributes used, each wrapped in one small function below:
   one of a known connection, before aioquic creates any state for it (:class:`_GatedServer`);
   ``aioquic._buffer.Buffer`` to parse its header (``aioquic.buffer`` does not export it to
   the type checker).
+* Stateless reset (RFC 9000 §10.3; aioquic neither sends nor detects one, see
+  :mod:`backbone.reset`): ``QuicConnection._host_cids`` / ``_replenish_connection_ids`` —
+  every connection ID a server connection issues (the first one, whose token goes into the
+  ``stateless_reset_token`` transport parameter, and those of NEW_CONNECTION_ID) carries the
+  token derived from the server's reset key (:func:`issue_reset_tokens`);
+  ``QuicConnection._peer_cid`` / ``_network_paths[].peer_cid`` — the tokens of the server
+  connection IDs a client uses (:func:`peer_reset_tokens`; ``_peer_cid_available`` too in
+  :meth:`QuicEndpoint.peer_connection_ids`, for tests); ``QuicConnection._close_event`` /
+  ``_close_end`` and ``QuicConnectionProtocol._process_events`` — a client that receives a
+  reset ends the connection at once, without a draining period and without sending
+  anything (:meth:`QuicEndpoint.reset_received`).
 
 And of asyncio (CPython's selector event loop):
 
@@ -75,8 +86,10 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch, Group
+from cryptography.hazmat.primitives import serialization
 
 from .frames import ALPN
+from .reset import is_stateless_reset
 
 log = logging.getLogger("backbone.quic")
 
@@ -85,6 +98,8 @@ CRYPTO_ERROR_BASE = 0x100
 CRYPTO_ERROR_MAX = 0x1FF
 #: the transport close code of a connection refused before its handshake
 CONNECTION_REFUSED = int(QuicErrorCode.CONNECTION_REFUSED)
+#: the reason phrase of a connection ended by a stateless reset (it carries no code)
+STATELESS_RESET_REASON = "stateless reset: the server no longer knows this connection"
 
 
 def server_configuration(
@@ -147,6 +162,9 @@ class QuicEndpoint(QuicConnectionProtocol):
         self.close_by_transport = False
         self.close_reason = ""
         self.closed_by_peer = False
+        #: the connection ended because a stateless reset from the server arrived
+        self.stateless_reset = False
+        self._detect_reset = quic.configuration.is_client
         self.reason: str | None = None  # our reason, when we closed it
         #: resolved when the handshake completes, failed if the connection ends first
         self.ready: asyncio.Future[None] = self._loop.create_future()
@@ -181,6 +199,15 @@ class QuicEndpoint(QuicConnectionProtocol):
             self._report_terminated(event.error_code, event.reason_phrase, by_peer=True)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        # a client checks every datagram before aioquic sees it (RFC 9000 §10.3.1 allows
+        # it; a reset cannot be decrypted, so aioquic would only drop it)
+        if (
+            self._detect_reset
+            and not self.terminated_reported
+            and is_stateless_reset(cast(bytes, data), peer_reset_tokens(self._quic))
+        ):
+            self.reset_received()
+            return
         super().datagram_received(data, addr)
         close_event = self._quic._close_event
         if close_event is not None and not self.terminated_reported:
@@ -195,15 +222,32 @@ class QuicEndpoint(QuicConnectionProtocol):
                 self.ready.set_exception(ConnectionRefusedError("nothing listens there"))
                 self.ready.exception()
 
+    def reset_received(self) -> None:
+        """A stateless reset from the server: the connection is dead on its side (it
+        restarted, or lost the connection's state).  End it at once: no draining period,
+        nothing sent (anything sent would only draw another reset); :meth:`terminated`
+        runs with ``stateless_reset`` set and ``close_code`` None."""
+        self.stateless_reset = True
+        quic = self._quic
+        if quic._close_event is None:
+            quic._close_event = ConnectionTerminated(
+                error_code=QuicErrorCode.NO_ERROR,
+                frame_type=None,
+                reason_phrase=STATELESS_RESET_REASON,
+            )
+        quic._close_end()  # TERMINATED: aioquic sends nothing and needs no timer any more
+        self._process_events()  # the ConnectionTerminated: reported as closed by the peer
+        self.transmit()  # cancels aioquic's timer
+
     def _report_terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self.terminated_reported:
             return
         self.terminated_reported = True
-        self.close_code = error_code
+        self.close_code = None if self.stateless_reset else error_code
         self.close_reason = reason
         self.closed_by_peer = by_peer
         if not self.ready.done():
-            self.ready.set_exception(ConnectionError(describe_close(error_code, reason)))
+            self.ready.set_exception(ConnectionError(describe_close(self.close_code, reason)))
             self.ready.exception()  # retrieved: nobody may be waiting
         self.terminated(error_code, reason, by_peer)
 
@@ -271,6 +315,14 @@ class QuicEndpoint(QuicConnectionProtocol):
     def is_closed(self) -> bool:
         return self.terminated_reported
 
+    def peer_connection_ids(self) -> list[tuple[bytes, bytes]]:
+        """(connection ID, stateless reset token) of every connection ID the peer issued
+        to us that we know: the one in use first, then the unused ones (for tests and
+        diagnostics; a token is empty until the peer has sent it)."""
+        quic = self._quic
+        cids = [quic._peer_cid, *quic._peer_cid_available]
+        return [(c.cid, bytes(c.stateless_reset_token or b"")) for c in cids]
+
     def loop_time(self) -> float:
         return self._loop.time()
 
@@ -293,6 +345,54 @@ def release_handshake_memory(quic: QuicConnection) -> bool:
         quic._crypto_buffers[epoch] = Buffer(capacity=0)
         quic._crypto_streams[epoch] = QuicStream()
     return True
+
+
+def issue_reset_tokens(quic: QuicConnection, token_for: Callable[[bytes], bytes]) -> None:
+    """Server side, on a connection just created: every connection ID it issues carries
+    ``token_for(cid)`` as its stateless reset token instead of aioquic's random one.
+
+    The first ID's token goes into the ``stateless_reset_token`` transport parameter,
+    which is serialised during the handshake, after this; later IDs are made by
+    ``_replenish_connection_ids`` and their NEW_CONNECTION_ID frames written after it
+    (the token is read when the frame is written, retransmissions included)."""
+    for connection_id in quic._host_cids:
+        connection_id.stateless_reset_token = token_for(connection_id.cid)
+    original = quic._replenish_connection_ids
+
+    def _replenish_connection_ids() -> None:
+        original()
+        for connection_id in quic._host_cids:
+            if not connection_id.was_sent:
+                connection_id.stateless_reset_token = token_for(connection_id.cid)
+
+    quic._replenish_connection_ids = _replenish_connection_ids  # type: ignore[method-assign]
+
+
+def peer_reset_tokens(quic: QuicConnection) -> list[bytes]:
+    """The stateless reset tokens a received datagram is compared with: those of the
+    peer connection IDs in use — the current one, and one reserved for a path being
+    probed.  Unused and retired IDs are left out (RFC 9000 §10.3.1).  A token is empty
+    until the peer sent it (transport parameters or NEW_CONNECTION_ID)."""
+    tokens = [quic._peer_cid.stateless_reset_token or b""]
+    for path in quic._network_paths:
+        if path.peer_cid is not None:
+            tokens.append(path.peer_cid.stateless_reset_token or b"")
+    return tokens
+
+
+def private_key_material(configuration: QuicConfiguration) -> bytes:
+    """The TLS private key the configuration loaded, as PKCS#8 DER: the same bytes for
+    the same key whatever the file's format (PEM or DER, alone or with the certificate,
+    encrypted or not), from which the stateless reset key is derived."""
+    key = configuration.private_key
+    if key is None:
+        raise ValueError("the QUIC configuration has no private key")
+    der: bytes = key.private_bytes(
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return der
 
 
 # aioquic builds ~19 frozensets per connection for its frame table from EPOCHS(shortcut);
@@ -437,35 +537,92 @@ class Refusal(NamedTuple):
 
 #: a gate sees a new connection's first packet (its peer address) and admits it (None)
 Gate = Callable[[str], Refusal | None]
+#: answers a packet for a connection the server does not know, given its destination
+#: connection ID, the datagram's size and the peer address: the stateless reset to send
+#: back, or None
+ResetHook = Callable[[bytes, int, str], bytes | None]
+
+
+class ResetHooks(NamedTuple):
+    """A server's stateless resets: ``token(cid)`` is the reset token of each connection
+    ID it issues; ``answer`` (None: never) answers packets of unknown connections."""
+
+    token: Callable[[bytes], bytes]
+    answer: ResetHook | None
 
 
 class _GatedServer(QuicServer):
-    """aioquic's server with a gate in front of new connections.
+    """aioquic's server with a gate in front of new connections, and stateless resets for
+    packets of connections it does not know.
 
     aioquic creates a connection, and starts the TLS work, for any Initial packet with an
     unknown connection ID.  Here the ``gate`` sees such a packet first.  A refused one is
     dropped, or answered with a stateless CONNECTION_CLOSE (CONNECTION_REFUSED) in an
     Initial packet, which costs a key derivation and one small packet instead of a
     handshake, and makes the client fail its connect attempt at once.
+
+    aioquic drops any other packet with an unknown destination connection ID.  Here a
+    short-header packet, or a Handshake packet, for an unknown connection ID goes to the
+    ``reset`` hook, and the stateless reset it returns is sent back: the peer learns at
+    once that its connection is gone (a restarted server knows none of its predecessor's
+    connections).  Our connection IDs all have the configured length (aioquic: 8 bytes),
+    which is how the destination connection ID of a short header is found.  0-RTT
+    packets are not answered: their destination ID is the client's own choice, for which
+    it holds no token.
     """
 
     gate: Gate | None = None
+    reset: ResetHook | None = None
+    reset_token: Callable[[bytes], bytes] | None = None
+
+    def __init__(
+        self, *, configuration: QuicConfiguration, create_protocol: Callable[..., QuicEndpoint]
+    ) -> None:
+        super().__init__(configuration=configuration, create_protocol=self._new_protocol)
+        self._make_protocol = create_protocol
+
+    def _new_protocol(self, quic: QuicConnection, **kw: Any) -> QuicEndpoint:
+        if self.reset_token is not None:
+            issue_reset_tokens(quic, self.reset_token)
+        return self._make_protocol(quic, **kw)
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         data = cast(bytes, data)
-        gate = self.gate
-        # only a long-header packet of full size can open a connection
-        if gate is not None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE and data[0] & 0x80:
-            header = self._new_connection_initial(data)
-            if header is not None:
-                refusal = gate(format_address(addr))
-                if refusal is not None:
-                    if refusal.close and self._transport is not None:
-                        self._transport.sendto(refusal_packet(header, refusal.reason), addr)
+        if not data:
+            return
+        if not data[0] & 0x80:  # short header: the hot path of every live connection
+            reset = self.reset
+            if reset is not None:
+                cid = data[1 : 1 + self._configuration.connection_id_length]
+                if cid not in self._protocols:
+                    self._send_reset(reset, cid, data, addr)
                     return
+            super().datagram_received(data, addr)
+            return
+        header = self._unknown_long_header(data)
+        if header is not None:
+            if header.packet_type == QuicPacketType.INITIAL:
+                gate = self.gate
+                # only an Initial of full size can open a connection
+                if gate is not None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
+                    refusal = gate(format_address(addr))
+                    if refusal is not None:
+                        if refusal.close and self._transport is not None:
+                            self._transport.sendto(refusal_packet(header, refusal.reason), addr)
+                        return
+            elif header.packet_type == QuicPacketType.HANDSHAKE and self.reset is not None:
+                self._send_reset(self.reset, header.destination_cid, data, addr)
+                return
         super().datagram_received(data, addr)
 
-    def _new_connection_initial(self, data: bytes) -> QuicHeader | None:
+    def _send_reset(self, reset: ResetHook, cid: bytes, data: bytes, addr: Any) -> None:
+        packet = reset(cid, len(data), format_address(addr))
+        if packet is not None and self._transport is not None:
+            self._transport.sendto(packet, addr)
+
+    def _unknown_long_header(self, data: bytes) -> QuicHeader | None:
+        """The header of a long-header packet of a supported version whose destination
+        connection ID belongs to no connection, else None."""
         configuration = self._configuration
         try:
             header = pull_quic_header(
@@ -474,8 +631,7 @@ class _GatedServer(QuicServer):
         except ValueError:
             return None
         if (
-            header.packet_type != QuicPacketType.INITIAL
-            or header.version not in configuration.supported_versions
+            header.version not in configuration.supported_versions
             or header.destination_cid in self._protocols
         ):
             return None
@@ -516,18 +672,24 @@ async def start_server(
     create_protocol: Callable[..., QuicEndpoint],
     *,
     gate: Gate | None = None,
+    resets: Callable[[int], ResetHooks] | None = None,
     max_wait: float = 0.0,
     late_after: float = math.inf,
 ) -> tuple[QuicServer, SocketReader | None, int]:
     """Listen; returns the server, the reader of its socket (None on an event loop whose
     transport this module does not know, which then reads one datagram per pass) and
-    the bound port."""
+    the bound port.  ``resets(bound port)`` gives the server's stateless reset hooks
+    (:class:`_GatedServer`)."""
     loop = asyncio.get_running_loop()
     transport, server = await loop.create_datagram_endpoint(
         lambda: _GatedServer(configuration=configuration, create_protocol=create_protocol),
         local_addr=(host, port),
     )
+    sockname = transport.get_extra_info("sockname")
+    bound = int(sockname[1]) if sockname else port
     server.gate = gate
+    if resets is not None:
+        server.reset_token, server.reset = resets(bound)
     _grow_buffers(transport.get_extra_info("socket"), UDP_BUFFER)
     reader: SocketReader | None = None
     if isinstance(loop, selector_events.BaseSelectorEventLoop) and hasattr(transport, "_sock"):
@@ -536,8 +698,6 @@ async def start_server(
             log.info("no arrival timestamps on this platform: no datagram is dropped for age")
     else:
         log.warning("event loop %s: reading one datagram per loop pass", type(loop).__name__)
-    sockname = transport.get_extra_info("sockname")
-    bound = int(sockname[1]) if sockname else port
     return server, reader, bound
 
 
@@ -635,7 +795,9 @@ def peer_certificates(quic: QuicConnection) -> tuple[Any, list[Any]]:
     return tls._peer_certificate, list(tls._peer_certificate_chain or [])
 
 
-def describe_close(error_code: int, reason: str) -> str:
+def describe_close(error_code: int | None, reason: str) -> str:
+    if error_code is None:  # a stateless reset carries no code
+        return reason
     if CRYPTO_ERROR_BASE <= error_code <= CRYPTO_ERROR_MAX:
         return f"TLS alert {error_code - CRYPTO_ERROR_BASE}: {reason}"
     return f"code 0x{error_code:x}: {reason}"

@@ -429,6 +429,12 @@ BASIC_METRICS: Final[tuple[tuple[str, str, Literal["gauge", "counter"], str], ..
         "99th percentile WaitAck latency over the last 10,000 results.",
     ),
     ("rejected", "backbone_sends_rejected_total", "counter", "Sends refused at once."),
+    (
+        "stateless_resets",
+        "backbone_stateless_resets_total",
+        "counter",
+        "Stateless resets sent to packets of unknown connections.",
+    ),
 )
 
 

@@ -177,7 +177,14 @@ class _ClientConnection(QuicEndpoint):
         if self._hb_timer is not None:
             self._hb_timer.cancel()
             self._hb_timer = None
-        if by_peer:
+        if self.stateless_reset:
+            why = "stateless_reset"
+            log.warning(
+                "server %s answered with a stateless reset: it no longer knows this "
+                "connection (restarted, or lost it); reconnecting",
+                self.peer_address(),
+            )
+        elif by_peer:
             if error_code == ErrorCode.GOING_AWAY:
                 why = "server_going_away"
             elif error_code == ErrorCode.REPLACED:
@@ -192,12 +199,23 @@ class _ClientConnection(QuicEndpoint):
             self.lost.set_result(why)
         if not self.welcomed.done():
             self.welcomed.set_exception(
-                ConnectError(_close_category(error_code), describe_close(error_code, reason))
+                ConnectError(
+                    _close_category(self.close_code, stateless_reset=self.stateless_reset),
+                    describe_close(self.close_code, reason),
+                )
             )
             self.welcomed.exception()
 
 
-def _close_category(code: int, by_transport: bool = False) -> str:
+def _close_category(
+    code: int | None, by_transport: bool = False, stateless_reset: bool = False
+) -> str:
+    """The ``connect.failed`` reason of a connection that ended before WELCOME."""
+    if stateless_reset:
+        # the server answered with a stateless reset: it does not know this connection
+        return "stateless_reset"
+    if code is None:
+        return "error"
     if CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_MAX:
         return "tls"
     if by_transport:
@@ -365,10 +383,11 @@ class Client(HandlerOwner, PendingOwner):
                     conn = holder[0] if holder else None
                     if conn is not None and conn.refused:
                         raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
-                    code = conn.close_code if conn is not None else None
                     cat = (
-                        _close_category(code, conn.close_by_transport)
-                        if conn is not None and code is not None
+                        _close_category(
+                            conn.close_code, conn.close_by_transport, conn.stateless_reset
+                        )
+                        if conn is not None
                         else "error"
                     )
                     raise ConnectError(cat, str(exc)) from None

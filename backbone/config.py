@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from .reset import is_hex_key
 
 MiB = 1024 * 1024
 
@@ -88,6 +90,31 @@ class ServerConfig(_Common):
         description="datagrams that waited longer in the server's socket are dropped unread; "
         "at most heartbeat_interval × (heartbeat_misses - 1) (0: never dropped)",
     )
+    stateless_reset_key: SecretStr | None = Field(
+        None,
+        description="stateless reset key material: at least 32 hex digits, or the path of a "
+        "file of at least 16 bytes (not set: derived from the TLS private key, so a restarted "
+        "server resets its predecessor's connections without any setup)",
+    )
+    stateless_reset_rate: float = Field(
+        500.0,
+        ge=0,
+        description="stateless resets sent per second at most, in answer to packets of "
+        "connections the server does not know (0: never send one)",
+    )
+    stateless_reset_burst: int = Field(
+        1000, ge=1, description="stateless resets allowed in one burst"
+    )
+
+    @field_validator("stateless_reset_key")
+    @classmethod
+    def _reset_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None
+        text = value.get_secret_value()
+        if all(c in "0123456789abcdefABCDEF" for c in text) and not is_hex_key(text):
+            raise ValueError("a hex key needs an even number of hex digits, at least 32 (16 bytes)")
+        return value
 
     @property
     def receive_delay_limit(self) -> float:

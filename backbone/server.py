@@ -15,8 +15,10 @@ from ._link import HandlerOwner, Link, PendingOwner, report_violation
 from ._quic import (
     QuicEndpoint,
     Refusal,
+    ResetHooks,
     SocketReader,
     peer_certificates,
+    private_key_material,
     request_client_certificate,
     server_configuration,
     server_connections,
@@ -62,6 +64,7 @@ from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
 from .pending import PendingTable
 from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
+from .reset import StatelessResetter, derive_reset_key, key_material
 from .session import HEARTBEAT_STREAM, MSG_STREAM, Credit, Hello, ServerSession
 from .stats import Figures, Stats
 
@@ -251,6 +254,8 @@ class Server(HandlerOwner, PendingOwner):
         self._refusals_logged_at = -math.inf
         self._refusals_unlogged = 0
         self._dropped_reported = 0
+        self._resetter: StatelessResetter | None = None
+        self._resets_reported = (0, 0)
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -291,12 +296,24 @@ class Server(HandlerOwner, PendingOwner):
             install_plugin(plugin, self)
         cfg = self.config
         qconf = server_configuration(cfg.certfile or "", cfg.keyfile, cfg.quic_idle_timeout)
+        reset_material = self._reset_material(qconf)
+
+        def resets(bound_port: int) -> ResetHooks:
+            self._resetter = resetter = StatelessResetter(
+                derive_reset_key(reset_material, bound_port),
+                cfg.stateless_reset_rate,
+                cfg.stateless_reset_burst,
+                self._loop.time(),
+            )
+            return ResetHooks(resetter.token, self._answer_unknown if resetter.enabled else None)
+
         self._quic_server, self._reader, self._port = await start_server(
             cfg.host,
             cfg.port,
             qconf,
             lambda quic, **kw: _ServerConnection(quic, self, **kw),
             gate=self._admit_handshake,
+            resets=resets,
             max_wait=cfg.receive_delay_limit,
             late_after=cfg.behind_after,
         )
@@ -309,10 +326,59 @@ class Server(HandlerOwner, PendingOwner):
                 ServerStarted(role="server", host=cfg.host, port=self._port),
             )
 
+    def _reset_material(self, qconf: Any) -> bytes:
+        """What the stateless reset key is derived from (with the port): the
+        ``stateless_reset_key`` setting, else the TLS private key, so a server restarted
+        with the same certificate on the same port has the same key."""
+        setting = self.config.stateless_reset_key
+        if setting is None:
+            return private_key_material(qconf)
+        try:
+            return key_material(setting.get_secret_value())
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"stateless_reset_key: {exc}") from None
+
+    def _answer_unknown(self, cid: bytes, size: int, peer: str) -> bytes | None:
+        """A packet for a connection this server does not know (its predecessor's, one
+        already closed, or garbage): the stateless reset to send back, or None (too small,
+        or over the rate limit).  Counted in ``stats().stateless_resets`` and summed up in
+        the log once a second (:meth:`_sample`)."""
+        resetter = self._resetter
+        assert resetter is not None
+        packet = resetter.answer(cid, size, self._loop.time())
+        if packet is not None:
+            self.figures.stateless_resets += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("stateless reset to %s for unknown connection %s", peer, cid.hex())
+        return packet
+
+    def _report_resets(self) -> None:
+        resetter = self._resetter
+        if resetter is None:
+            return
+        sent, limited = resetter.sent, resetter.limited
+        last_sent, last_limited = self._resets_reported
+        if limited > last_limited:
+            log.warning(
+                "sent %d stateless reset(s) to packets of unknown connections, and %d more "
+                "were over the limit of %g/s",
+                sent - last_sent,
+                limited - last_limited,
+                self.config.stateless_reset_rate,
+            )
+        elif sent > last_sent:
+            log.info(
+                "sent %d stateless reset(s) to packets of unknown connections "
+                "(clients of a previous run of this server, or of closed connections)",
+                sent - last_sent,
+            )
+        self._resets_reported = (sent, limited)
+
     def _sample(self) -> None:
         now = self._loop.time()
         if self._sampler is not None:
             self._timer_fired(self._sampler.when(), now)
+        self._report_resets()
         reader = self._reader
         if reader is not None and reader.dropped > self._dropped_reported:
             log.warning(

@@ -295,7 +295,7 @@ class _Layered(BaseSettings):
                 problems.append(f"{name}: unknown setting, from {origin}{hint}")
                 continue
             value = err.get("input")
-            if field == "admin_token":
+            if field in ("admin_token", "stateless_reset_key"):
                 value = "**********"
             problems.append(f"{name} = {value!r} (from {origin}): {msg}")
         return problems

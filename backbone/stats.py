@@ -19,6 +19,7 @@ class Stats:
     ack_latency_avg: float | None
     ack_latency_p99: float | None
     rejected: int
+    stateless_resets: int = 0  # server: stateless resets sent (packets of unknown connections)
 
 
 class Figures:
@@ -32,6 +33,7 @@ class Figures:
         "messages_in",
         "messages_out",
         "rejected",
+        "stateless_resets",
         "window",
     )
 
@@ -41,6 +43,7 @@ class Figures:
         self.acks = 0
         self.ack_timeouts = 0
         self.rejected = 0
+        self.stateless_resets = 0
         self.window = window
         self._latencies: deque[float] = deque(maxlen=latency_samples)
         self._samples: deque[tuple[float, int, int]] = deque()
@@ -87,4 +90,5 @@ class Figures:
             ack_latency_avg=avg,
             ack_latency_p99=p99,
             rejected=self.rejected,
+            stateless_resets=self.stateless_resets,
         )

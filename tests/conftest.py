@@ -82,11 +82,15 @@ def events() -> Any:
 @pytest.fixture
 def make_server(certs: DevCerts) -> Callable[..., Any]:
     @contextlib.asynccontextmanager
-    async def factory(**kw: Any) -> AsyncIterator[Server]:
+    async def factory(port: int = 0, **kw: Any) -> AsyncIterator[Server]:
         opts: dict[str, Any] = dict(FAST, drain_retry_after=0.1, drain_window=0.5)
         opts.update(kw)
         server = Server(
-            "127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key), **opts
+            "127.0.0.1",
+            port,
+            certfile=str(certs.server_cert),
+            keyfile=str(certs.server_key),
+            **opts,
         )
         async with server:
             yield server
