@@ -209,7 +209,15 @@ def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
 
 
 def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
-    """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated."""
-    _deliver(signal, sender, event)
-    if signal is not on_event:
+    """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated.
+    (``_deliver`` inlined for ``signal``: this runs once per message.)"""
+    if signal.receivers:
+        hit = _routes.get((id(signal), id(sender)))
+        route = hit[1] if hit is not None and hit[0]() is sender else _route(signal, sender)
+        for receiver in route:
+            try:
+                receiver(sender, event=event)
+            except Exception:
+                _failed(signal, receiver, event)
+    if on_event.receivers and signal is not on_event:
         _deliver(on_event, sender, event)

@@ -63,7 +63,7 @@ from backbone.plugins import BoundedWorker, Plugin, Receiver
 
 log = logging.getLogger("backbone.plugins.history")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: the kinds written one row per event
 RECORDED_KINDS: Final = frozenset(
@@ -95,6 +95,28 @@ RECORDED_KINDS: Final = frozenset(
 DEFAULT_KINDS: Final = RECORDED_KINDS - {"message.received"}
 #: the kinds sampled (see ``heartbeat_every``)
 HEARTBEAT_KINDS: Final = frozenset({"heartbeat.received", "heartbeat.acknowledged"})
+#: the per-message kinds: a run of them for one client (and role) within one writer batch
+#: is stored as one row, a *pack* (see :func:`pack_rows`)
+PACKED_KINDS: Final = frozenset(
+    {
+        "message.sent",
+        "message.received",
+        "message.processed",
+        "ack.sent",
+        "ack.received",
+        "ack.late",
+        "ack.timed_out",
+        "ack.failed",
+        "send.rejected",
+    }
+)
+#: the ``kind`` of a pack that holds more than one kind
+MIXED: Final = "*"
+#: a pack spans at most this many seconds (first to last event); queries by time read
+#: this much further back, then keep exactly the events in range
+PACK_SPAN: Final = 1.0
+#: events per pack at most
+PACK_MAX: Final = 1000
 #: events that end a session: the last heartbeat held back is written before them
 _SESSION_END: Final = frozenset({"disconnected", "heartbeat.timed_out"})
 ALL_KINDS: Final = RECORDED_KINDS | HEARTBEAT_KINDS
@@ -108,23 +130,37 @@ _SCHEMA = (
         client_id TEXT,
         session_id TEXT,
         msg_id TEXT,
-        data TEXT NOT NULL
+        data TEXT NOT NULL,
+        n INTEGER NOT NULL DEFAULT 1,
+        at_last REAL
     )""",
     "CREATE INDEX IF NOT EXISTS events_client_at ON events (client_id, at)",
 )
+#: schema 1 had no ``n`` nor ``at_last``: every row was one event
+_MIGRATE_1_TO_2 = (
+    "ALTER TABLE events ADD COLUMN n INTEGER NOT NULL DEFAULT 1",
+    "ALTER TABLE events ADD COLUMN at_last REAL",
+)
+#: one event per row (the layout of schema 1, still valid)
 _INSERT = (
     "INSERT INTO events (at, kind, role, client_id, session_id, msg_id, data) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_COLUMNS: Final = 7
-#: rows per INSERT statement (7 parameters a row: under SQLite's oldest limit of 999)
-ROWS_PER_INSERT: Final = 128
+_INSERT_SEQ = (
+    "INSERT INTO events (seq, at, kind, role, client_id, session_id, msg_id, data, n, "
+    "at_last) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_COLUMNS: Final = 10
+#: rows per INSERT statement (10 parameters a row: under SQLite's oldest limit of 999)
+ROWS_PER_INSERT: Final = 99
 
 
 @functools.lru_cache(maxsize=8)
 def _insert_rows(n: int) -> str:
-    """The INSERT of ``n`` rows."""
-    return _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+    """The INSERT of ``n`` rows, ``seq`` and ``n`` given."""
+    return _INSERT_SEQ + ", (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" * (n - 1)
+
+
 _CLIENTS = """
 WITH RECURSIVE ids(id) AS (
     SELECT (SELECT min(client_id) FROM events)
@@ -143,7 +179,10 @@ WITH RECURSIVE ids(id) AS (
 )
 SELECT id FROM ids
 WHERE id IS NOT NULL
-  AND EXISTS (SELECT 1 FROM events WHERE client_id = ids.id AND at >= ?)
+  AND EXISTS (
+    SELECT 1 FROM events
+    WHERE client_id = ids.id AND at >= ? AND coalesce(at_last, at) >= ?
+  )
 """
 #: rows deleted per retention transaction, so a large backlog never holds the write
 #: lock for long
@@ -152,18 +191,117 @@ RETENTION_CHUNK: Final = 50_000
 _ADAPTER: TypeAdapter[Event] = TypeAdapter(AnyEvent)
 
 
-def _json(event: Event) -> str:
-    """The event as JSON: ``orjson`` on its fields gives the same text as
-    ``model_dump_json()`` for the plain types events hold, at a fifth of the cost."""
-    try:
-        return orjson.dumps(event.__dict__).decode()
-    except TypeError:
-        return event.model_dump_json()
+def _json(fields: Any) -> bytes:
+    """Events' fields (one ``__dict__``, or a list of them) as JSON: ``orjson`` gives the
+    same text as ``model_dump_json()`` for the plain types events hold, at a fraction of
+    the cost; anything else becomes its ``str``."""
+    return orjson.dumps(fields, default=str)
+
+
+#: what the receiver queues for the writer: the event's fields (its ``__dict__``; events
+#: are immutable, so nobody changes it).  The event object itself is freed at once, and
+#: the writer thread serialises a whole pack with one ``orjson`` call.
+Record = dict[str, Any]
+
+
+def record_of(event: Event) -> Record:
+    return event.__dict__
 
 
 def parse_event(data: str | bytes) -> Event:
     """One stored event (its ``model_dump_json``) back into its class."""
     return _ADAPTER.validate_json(data)
+
+
+def parse_row(data: str | bytes, n: int) -> list[Event]:
+    """The events of one row: one event (``n == 1``) or a pack's array."""
+    if n == 1:
+        return [_ADAPTER.validate_json(data)]
+    return [_ADAPTER.validate_python(item) for item in orjson.loads(data)]
+
+
+Row = tuple[float, str, str, "str | None", "str | None", "str | None", str, int, "float | None"]
+
+
+def pack_rows(records: Iterable[Record]) -> list[Row]:
+    """Rows for ``records`` (events' fields, in order): ``(at, kind, role, client_id,
+    session_id, msg_id, data, n, at_last)``.
+
+    Consecutive records of :data:`PACKED_KINDS` for one ``(client_id, role)`` become one
+    row, a *pack*, while they span at most :data:`PACK_SPAN` seconds and number at most
+    :data:`PACK_MAX`: its ``data`` is a JSON array, ``n`` their number, ``at`` and
+    ``at_last`` the first and the latest time, ``kind`` theirs if they share one (else
+    :data:`MIXED`), ``msg_id`` NULL.  Any other record of that client and role ends the
+    open pack first, so the rows of one client and role, in row order, hold its events
+    in the order given.  A pack costs SQLite one row and one index entry instead of one
+    per message.
+    """
+    rows: list[Row] = []
+    open_: dict[tuple[str, str], list[Record]] = {}
+
+    def close(key: tuple[str, str]) -> None:
+        run = open_.pop(key)
+        first = run[0]
+        if len(run) == 1:
+            rows.append(_single(first))
+            return
+        kind = first["kind"]
+        if any(r["kind"] != kind for r in run):
+            kind = MIXED
+        rows.append(
+            (
+                first["at"],
+                kind,
+                first["role"],
+                key[0],
+                first.get("session_id"),
+                None,
+                _json(run).decode(),
+                len(run),
+                max(r["at"] for r in run),
+            )
+        )
+
+    for r in records:
+        cid = r.get("client_id")
+        if cid is None:
+            rows.append(_single(r))
+            continue
+        key = (cid, r["role"])
+        run = open_.get(key)
+        if r["kind"] in PACKED_KINDS:
+            if run is not None and (len(run) >= PACK_MAX or r["at"] - run[0]["at"] > PACK_SPAN):
+                close(key)
+                run = None
+            if run is None:
+                open_[key] = [r]
+            else:
+                run.append(r)
+            continue
+        if run is not None:
+            close(key)
+        rows.append(_single(r))
+    for key in list(open_):
+        close(key)
+    return rows
+
+
+def _newest_first(item: tuple[float, int, int, Event]) -> tuple[float, int, int]:
+    return (-item[0], -item[1], -item[2])
+
+
+def _single(r: Record) -> Row:
+    return (
+        r["at"],
+        r["kind"],
+        r["role"],
+        r.get("client_id"),
+        r.get("session_id"),
+        r.get("msg_id"),
+        _json(r).decode(),
+        1,
+        None,
+    )
 
 
 # --- the session view: a pure reducer -------------------------------------------------------
@@ -201,45 +339,54 @@ def apply(view: SessionView, event: Event) -> SessionView:
     # costs pydantic's __getattr__ an exception, about 5 µs, on every event
     if event.role != view.role or event.__dict__.get("client_id") != view.client_id:
         return view
+    state = dict(view.__dict__)
+    fold(state, event)
+    return _view(state)
+
+
+def fold(state: dict[str, Any], event: Event) -> None:
+    """:func:`apply`'s step, in place on a view's fields (``SessionView.__dict__``), for
+    an event already known to be of that view's client and role.  The plugin's live
+    views use it directly: no copy per event."""
     at = event.at
-    change: dict[str, Any] = {"events": view.events + 1, "last_event_at": at}
-    if isinstance(event, MessageSent):
-        change["messages_sent"] = view.messages_sent + 1
-    elif isinstance(event, AckReceived):
-        if event.ok:
-            change["acks_ok"] = view.acks_ok + 1
+    state["events"] += 1
+    state["last_event_at"] = at
+    t = type(event)
+    if t is MessageSent:
+        state["messages_sent"] += 1
+    elif t is MessageProcessed:
+        state["messages_received"] += 1
+    elif t is AckReceived:
+        if event.ok:  # type: ignore[attr-defined]
+            state["acks_ok"] += 1
         else:
-            change["acks_failed"] = view.acks_failed + 1
-    elif isinstance(event, MessageProcessed):
-        change["messages_received"] = view.messages_received + 1
-    elif isinstance(event, HeartbeatReceived | HeartbeatAcknowledged):
-        change["last_heartbeat_at"] = at
-    elif isinstance(event, Connected):
-        change.update(connected=True, connected_since=at, session_id=event.session_id)
-    elif isinstance(event, Disconnected):
-        reasons = dict(view.disconnect_reasons)
-        reasons[event.reason] = reasons.get(event.reason, 0) + 1
-        change.update(disconnects=view.disconnects + 1, disconnect_reasons=reasons)
-        if view.session_id is None or event.session_id == view.session_id:
-            change.update(connected=False, connected_since=None)
-    elif isinstance(event, AckTimedOut):
-        change["ack_timeouts"] = view.ack_timeouts + 1
-    elif isinstance(event, AckFailed):
-        change["ack_gone"] = view.ack_gone + 1
-    elif isinstance(event, LateAckDropped):
-        change["acks_late"] = view.acks_late + 1
-    elif isinstance(event, SendRejected):
-        change["sends_rejected"] = view.sends_rejected + 1
-    return _evolve(view, change)
+            state["acks_failed"] += 1
+    elif t is HeartbeatReceived or t is HeartbeatAcknowledged:
+        state["last_heartbeat_at"] = at
+    elif t is Connected:
+        state.update(connected=True, connected_since=at, session_id=event.session_id)  # type: ignore[attr-defined]
+    elif t is Disconnected:
+        reasons = dict(state["disconnect_reasons"])  # views share nothing mutable
+        reason: str = event.reason  # type: ignore[attr-defined]
+        reasons[reason] = reasons.get(reason, 0) + 1
+        state["disconnect_reasons"] = reasons
+        state["disconnects"] += 1
+        if state["session_id"] is None or event.session_id == state["session_id"]:  # type: ignore[attr-defined]
+            state.update(connected=False, connected_since=None)
+    elif t is AckTimedOut:
+        state["ack_timeouts"] += 1
+    elif t is AckFailed:
+        state["ack_gone"] += 1
+    elif t is LateAckDropped:
+        state["acks_late"] += 1
+    elif t is SendRejected:
+        state["sends_rejected"] += 1
 
 
-def _evolve(view: SessionView, change: dict[str, Any]) -> SessionView:
-    # dataclasses.replace() runs __init__ and a frozen __setattr__ per field (~10 µs);
-    # this copy runs on the event loop for every recorded event, so it copies __dict__
+def _view(state: dict[str, Any]) -> SessionView:
+    # dataclasses.replace() runs __init__ and a frozen __setattr__ per field (~10 µs)
     new = object.__new__(SessionView)
-    state = new.__dict__
-    state.update(view.__dict__)
-    state.update(change)
+    new.__dict__.update(state)
     return new
 
 
@@ -327,14 +474,14 @@ class HistoryPlugin(Plugin):
         self.retention_every = retention_every
         self.busy_timeout = busy_timeout
         self.max_live = max_live
-        self._worker: BoundedWorker[Event] | None = None
-        self._last_worker: BoundedWorker[Event] | None = None
+        self._worker: BoundedWorker[Record] | None = None
+        self._last_worker: BoundedWorker[Record] | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._rlock = threading.Lock()
         self._schema_lock = threading.Lock()
         self._schema_ready = False
-        self._live: dict[str, SessionView] = {}
+        self._live: dict[str, dict[str, Any]] = {}  # client id: its view's fields
         self._heartbeats: dict[tuple[str, str], HeartbeatStats] = {}
         # flush accounting: submitted on the loop, done (written or failed) by the writer
         self._submitted = 0
@@ -426,54 +573,52 @@ class HistoryPlugin(Plugin):
             hb.held = event
 
     def _record(self, event: Event) -> None:
+        fields = event.__dict__
         if event.role == "server":
-            cid: str | None = event.__dict__.get("client_id")
+            cid: str | None = fields.get("client_id")
             if cid is not None:
-                live = self._live
-                view = live.get(cid)
-                live[cid] = apply(view or SessionView(cid), event)
-                if view is None and len(live) > self.max_live:
-                    self._forget_disconnected()
+                state = self._live.get(cid)
+                if state is not None:
+                    fold(state, event)
+                else:
+                    self._live[cid] = state = dict(SessionView(cid).__dict__)
+                    fold(state, event)
+                    if len(self._live) > self.max_live:
+                        self._forget_disconnected()
         worker = self._worker
         if worker is not None:
             self._submitted += 1
-            worker.put(event)
+            worker.put(fields)
 
     def _forget_disconnected(self) -> None:
         """Drop the live views (and heartbeat figures) of disconnected clients, oldest
         first, down to 90% of ``max_live``: client ids that come and go do not pile up."""
         target = self.max_live * 9 // 10
-        for cid in [c for c, v in self._live.items() if not v.connected]:
+        for cid in [c for c, v in self._live.items() if not v["connected"]]:
             if len(self._live) <= target:
                 break
             del self._live[cid]
             self._heartbeats.pop(("server", cid), None)
 
     # --- the writer thread ----------------------------------------------------------------------
-    def _write(self, conn: sqlite3.Connection, events: list[Event]) -> None:
+    def _write(self, conn: sqlite3.Connection, events: list[Record]) -> None:
         try:
-            values: list[Any] = []
-            for e in events:
-                try:
-                    fields = e.__dict__
-                    row = (
-                        e.at,
-                        e.kind,
-                        e.role,
-                        fields.get("client_id"),
-                        fields.get("session_id"),
-                        fields.get("msg_id"),
-                        _json(e),
-                    )
-                except Exception:
-                    log.exception("history: cannot serialise a %s event; skipped", e.kind)
-                else:
-                    values.extend(row)
-            # ROWS_PER_INSERT rows per statement: the sqlite3 module lets go of the GIL
-            # once per statement, not once per row as executemany does, so the event
-            # loop's thread is not handed the GIL back and forth a thousand times a batch
-            step = ROWS_PER_INSERT * _COLUMNS
+            rows = pack_rows(events)
             with _immediate(conn):
+                # seq numbers events, not rows: a pack of n takes n of them, so
+                # max(seq) + n - min(seq) counts the events kept (see _retain)
+                last = conn.execute(
+                    "SELECT seq + n FROM events ORDER BY seq DESC LIMIT 1"
+                ).fetchone()
+                seq = 1 if last is None else last[0]
+                values: list[Any] = []
+                for row in rows:
+                    values.append(seq)
+                    values.extend(row)
+                    seq += row[7]
+                # ROWS_PER_INSERT rows per statement: the sqlite3 module lets go of the
+                # GIL once per statement, not once per row as executemany does
+                step = ROWS_PER_INSERT * _COLUMNS
                 for i in range(0, len(values), step):
                     chunk = values[i : i + step]
                     conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
@@ -494,14 +639,18 @@ class HistoryPlugin(Plugin):
         oldest first, by rowid range; returns how many were deleted."""
         if self.max_rows is None and self.max_age is None:
             return 0
-        lo, hi = conn.execute("SELECT min(seq), max(seq) FROM events").fetchone()
+        lo = conn.execute("SELECT min(seq) FROM events").fetchone()[0]
         if lo is None:
             return 0
+        end_seq, hi = conn.execute(
+            "SELECT seq + n, seq FROM events ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
         bound = lo  # delete every seq < bound
         if self.max_rows is not None:
-            # rowids are contiguous (append only, deletes only from the oldest end), so
-            # hi - lo + 1 is the row count, or an upper bound of it
-            bound = max(bound, hi - self.max_rows + 1)
+            # seq numbers events and is contiguous (append only, deletes only from the
+            # oldest end), so end_seq - lo is the event count, or an upper bound of it;
+            # a pack that straddles the bound goes whole
+            bound = max(bound, end_seq - self.max_rows)
         if self.max_age is not None:
             cutoff = self.clock() - self.max_age
             # scans the expired rows only (insertion order), then stops
@@ -515,15 +664,18 @@ class HistoryPlugin(Plugin):
         while start < bound:
             end = min(bound, start + RETENTION_CHUNK)
             with _immediate(conn):
-                deleted += conn.execute("DELETE FROM events WHERE seq < ?", (end,)).rowcount
+                deleted += conn.execute(
+                    "SELECT coalesce(sum(n), 0) FROM events WHERE seq < ?", (end,)
+                ).fetchone()[0]
+                conn.execute("DELETE FROM events WHERE seq < ?", (end,))
             start = end
         return deleted
 
     # --- flushing and retention on demand -------------------------------------------------------
-    def _is_done(self, worker: BoundedWorker[Event]) -> bool:
+    def _is_done(self, worker: BoundedWorker[Record]) -> bool:
         return self._done + (worker.dropped - self._drops_base) >= self._submitted
 
-    def _wait_done(self, worker: BoundedWorker[Event], timeout: float) -> bool:
+    def _wait_done(self, worker: BoundedWorker[Record], timeout: float) -> bool:
         target = self._submitted
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -618,52 +770,87 @@ class HistoryPlugin(Plugin):
         recent ``limit`` of them (``None``: all), oldest first.  ``kinds`` keeps only
         those kinds; ``"ack.*"`` stands for every ``ack.`` kind.  ``role`` keeps one
         side's events (both by default)."""
-        sql = ["SELECT data FROM events WHERE client_id = ?"]
+        if limit is not None and limit <= 0:
+            return []
+        sql = ["SELECT at, seq, data, n FROM events WHERE client_id = ?"]
         params: list[Any] = [client_id]
-        if since is not None:
-            sql.append("AND at >= ?")
-            params.append(since)
+        if since is not None:  # a pack that starts up to PACK_SPAN earlier may hold some
+            sql.append("AND at >= ? AND coalesce(at_last, at) >= ?")
+            params.extend((since - PACK_SPAN, since))
         if until is not None:
             sql.append("AND at < ?")
             params.append(until)
+        wanted: set[str] | None = None
         if kinds is not None:
-            wanted = expand_kinds([kinds] if isinstance(kinds, str) else kinds)
+            wanted = set(expand_kinds([kinds] if isinstance(kinds, str) else kinds))
             if not wanted:
                 return []
-            sql.append(f"AND kind IN ({', '.join('?' * len(wanted))})")
-            params.extend(wanted)
+            sql.append(f"AND kind IN ({', '.join('?' * (len(wanted) + 1))})")
+            params.extend(sorted(wanted))
+            params.append(MIXED)
         if role is not None:
             sql.append("AND role = ?")
             params.append(role)
-        sql.append("ORDER BY at DESC, seq DESC LIMIT ?")
-        params.append(-1 if limit is None else limit)
-        rows = self._query(" ".join(sql), params)
-        return [parse_event(row[0]) for row in reversed(rows)]
+        sql.append("ORDER BY at DESC, seq DESC")
+        # rows newest first; a row's events lie in [at, at + PACK_SPAN]: once ``limit``
+        # events are held and the oldest of them is later than what any further row can
+        # hold, stop
+        found: list[tuple[float, int, int, Event]] = []
+        with self._rlock:
+            cursor = self._reader().execute(" ".join(sql), params)
+            for at, seq, data, n in cursor:
+                if limit is not None and len(found) >= limit:
+                    found.sort(key=_newest_first)
+                    del found[limit:]
+                    if found[-1][0] > at + PACK_SPAN:
+                        break
+                for i, event in enumerate(parse_row(data, n)):
+                    e_at = event.at
+                    if since is not None and e_at < since:
+                        continue
+                    if until is not None and e_at >= until:
+                        continue
+                    if wanted is not None and event.kind not in wanted:
+                        continue
+                    found.append((e_at, seq, i, event))
+            cursor.close()
+        found.sort(key=_newest_first)
+        if limit is not None:
+            del found[limit:]
+        return [item[3] for item in reversed(found)]
 
     def clients(self, since: float | None = None) -> list[str]:
         """Client ids with stored events (with an event at or after ``since``), sorted."""
-        sql, params = (_CLIENTS, ()) if since is None else (_CLIENTS_SINCE, (since,))
-        rows = self._query(sql, params)
+        if since is None:
+            rows = self._query(_CLIENTS, ())
+        else:
+            rows = self._query(_CLIENTS_SINCE, (since - PACK_SPAN, since))
         return [row[0] for row in rows]
 
     def session_view(self, client_id: str, role: Role = "server") -> SessionView:
         """:func:`replay` of every stored ``role`` event of ``client_id``, in the order
         they were written.  Only what retention kept counts."""
         rows = self._query(
-            "SELECT data FROM events WHERE client_id = ? AND role = ? ORDER BY seq",
+            "SELECT data, n FROM events WHERE client_id = ? AND role = ? ORDER BY seq",
             (client_id, role),
         )
-        return replay((parse_event(row[0]) for row in rows), client_id, role)
+        events = (event for data, n in rows for event in parse_row(data, n))
+        return replay(events, client_id, role)
 
     def count(self) -> int:
-        """Rows stored (a full count: slow on a large table)."""
+        """Events stored (a full scan: slow on a large table)."""
+        return int(self._query("SELECT coalesce(sum(n), 0) FROM events", ())[0][0])
+
+    def row_count(self) -> int:
+        """Rows stored: a pack of messages is one row (a full count: slow)."""
         return int(self._query("SELECT count(*) FROM events", ())[0][0])
 
     # --- in memory --------------------------------------------------------------------------------
     def live_view(self, client_id: str) -> SessionView | None:
         """The view kept up to date by this plugin instance (server-role events it
         recorded since it was created), or None if it saw none for ``client_id``."""
-        return self._live.get(client_id)
+        state = self._live.get(client_id)
+        return None if state is None else _view(state)
 
     def live_clients(self) -> list[str]:
         return list(self._live)
@@ -704,6 +891,10 @@ def init_schema(conn: sqlite3.Connection) -> None:
                 for statement in _SCHEMA:
                     conn.execute(statement)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version == 1:  # the table exists without ``n``, ``at_last``: add them
+                    for statement in _MIGRATE_1_TO_2:
+                        conn.execute(statement)
+                    version = 0
                 if version == 0:
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:

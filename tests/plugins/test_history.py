@@ -34,10 +34,16 @@ from backbone.events import (
 from backbone.plugins import load_plugin, plugin_drops
 from plugins.history import (
     HEARTBEAT_KINDS,
+    MIXED,
+    PACK_MAX,
+    PACK_SPAN,
     HistoryPlugin,
     SessionView,
     apply,
+    pack_rows,
     parse_event,
+    parse_row,
+    record_of,
     replay,
 )
 
@@ -256,6 +262,108 @@ def test_query_filters_and_order(installed):
     assert plugin.count() == 31
 
 
+# --- packs: a run of per-message events of one client is one row ----------------------------
+
+
+def ack(cid: str, at: float, role: Role = "server") -> AckReceived:
+    return AckReceived(role=role, msg_id=MSG, client_id=cid, ok=True, latency=0.01, at=at)
+
+
+def test_pack_rows_keep_each_clients_order_and_bounds():
+    c1_connected = Connected(role="server", client_id="c1", session_id="s", peer="p", at=0.5)
+    c1_gone = Disconnected(
+        role="server", client_id="c1", session_id="s", reason="closed", detail="", at=9.0
+    )
+    events: list[Event] = [c1_connected, ServerStarted(role="server", host="h", port=1, at=0.6)]
+    events += [sent("c1", 1.0 + i / 1000) for i in range(PACK_MAX + 5)]  # > PACK_MAX
+    events += [ack("c1", 2.5), sent("c2", 2.5), ack("c1", 2.6), sent("c1", 2.7, role="client")]
+    events += [sent("c1", 2.7 + PACK_SPAN + 0.01), c1_gone, sent("c1", 9.5)]
+    rows = pack_rows([record_of(e) for e in events])
+    # per (client, role), the rows in order hold that client's events in the order given
+    for key in {("c1", "server"), ("c2", "server"), ("c1", "client")}:
+        stored = [e for r in rows if (r[3], r[2]) == key for e in parse_row(r[6], r[7])]
+        assert stored == [e for e in events if (e.__dict__.get("client_id"), e.role) == key]
+    assert sum(r[7] for r in rows) == len(events)
+    packs = [r for r in rows if r[7] > 1]
+    assert max(r[7] for r in rows) == PACK_MAX
+    assert all(r[5] is None and r[8] is not None and r[8] - r[0] <= PACK_SPAN for r in packs)
+    # the PACK_MAX + 5 sends: one full pack, then the rest with the two acks (mixed)
+    assert [r[1] for r in packs] == ["message.sent", MIXED]
+    assert [r[7] for r in packs] == [PACK_MAX, 7]
+    singles = [r for r in rows if r[7] == 1]
+    assert all(parse_row(r[6], 1)[0].at == r[0] and r[8] is None for r in singles)
+
+
+def test_a_flood_of_messages_takes_few_rows_and_reads_back_exactly(installed):
+    plugin, s = installed(batch=5000, queue_size=50_000)
+    emitted: dict[str, list[Event]] = {"c1": [], "c2": []}
+    for i in range(3000):
+        for cid in ("c1", "c2"):
+            e: Event = sent(cid, 1000.0 + i / 1000) if i % 3 else ack(cid, 1000.0 + i / 1000)
+            emitted[cid].append(e)
+            emit(s, e)
+    assert plugin.flush(10)
+    assert plugin.count() == 6000
+    assert plugin.row_count() <= 20  # about 1.2 s of messages per client: a few packs
+    for cid in ("c1", "c2"):
+        assert plugin.history(cid, limit=None) == emitted[cid]
+        assert plugin.history(cid, limit=7) == emitted[cid][-7:]
+        # a window that starts and ends inside packs
+        window = plugin.history(cid, since=1000.5005, until=1002.0, limit=None)
+        assert window == [e for e in emitted[cid] if 1000.5005 <= e.at < 1002.0]
+        acks = plugin.history(cid, kinds="ack.*", limit=5)
+        assert acks == [e for e in emitted[cid] if e.kind == "ack.received"][-5:]
+    assert plugin.clients(since=1002.9985) == ["c1", "c2"]
+    assert plugin.clients(since=1003.0) == []
+    assert plugin.session_view("c1").messages_sent == 2000
+    assert plugin.session_view("c1") == plugin.live_view("c1")
+
+
+def test_retention_counts_events_not_rows(installed):
+    plugin, s = installed(max_rows=1000, retention_every=0, batch=4000, queue_size=10_000)
+    for i in range(4000):
+        emit(s, sent("c1", 10.0 + i / 10_000))
+    assert plugin.flush(10)
+    kept = plugin.history("c1", limit=None)
+    # whole packs go: at most max_rows are kept, and at most one pack fewer
+    assert 1000 - PACK_MAX <= plugin.count() == len(kept) <= 1000
+    assert [e.at for e in kept] == [10.0 + i / 10_000 for i in range(4000 - len(kept), 4000)]
+    assert plugin.stats()["pruned"] == 4000 - len(kept)
+
+
+def test_a_schema_1_database_is_migrated(db):
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.execute(
+        "CREATE TABLE events (seq INTEGER PRIMARY KEY, at REAL NOT NULL, kind TEXT NOT NULL, "
+        "role TEXT NOT NULL, client_id TEXT, session_id TEXT, msg_id TEXT, data TEXT NOT NULL)"
+    )
+    conn.execute("CREATE INDEX events_client_at ON events (client_id, at)")
+    old = [sent("c1", 5.0 + i) for i in range(3)]
+    conn.executemany(
+        "INSERT INTO events (at, kind, role, client_id, session_id, msg_id, data) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [(e.at, e.kind, e.role, "c1", None, MSG, e.model_dump_json()) for e in old],
+    )
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    plugin = HistoryPlugin(db, max_age=None)
+    sender = object()
+    plugin.install(sender)
+    try:
+        new = [sent("c1", 10.0 + i / 100) for i in range(50)]
+        for e in new:
+            emit(sender, e)
+        assert plugin.flush(5)
+        assert plugin.history("c1", limit=None) == old + new
+        assert plugin.count() == 53 and plugin.row_count() < 53
+        assert plugin.history("c1", since=6.0, until=10.005) == [old[1], old[2], new[0]]
+    finally:
+        plugin.close()
+
+
 def test_heartbeats_are_sampled_and_the_last_is_kept(installed):
     plugin, s = installed(heartbeat_every=10.0)
     emit(s, Connected(role="server", client_id="c1", session_id="s1", peer="p", at=0.0))
@@ -297,8 +405,14 @@ def test_reducer_is_pure_and_scoped():
         AckTimedOut(role="server", msg_id=MSG, client_id="c1", timeout=1.0, at=6.0),
         MessageReceived(role="server", msg_id=MSG, client_id="c1", size=1, wait_ack=False, at=7.0),
         MessageProcessed(
-            role="server", msg_id=MSG, client_id="c1", wait_ack=False, ok=True,
-            started_at=7.0, processing_time=0.01, at=7.1,
+            role="server",
+            msg_id=MSG,
+            client_id="c1",
+            wait_ack=False,
+            ok=True,
+            started_at=7.0,
+            processing_time=0.01,
+            at=7.1,
         ),
     ]
     v5 = replay(events, "c1")
@@ -469,10 +583,10 @@ async def test_a_full_queue_drops_and_counts_but_never_blocks_delivery(
 async def test_a_failing_receiver_never_disturbs_delivery(
     make_server, make_client, events, db, monkeypatch
 ):
-    def broken(view: SessionView, event: Event) -> SessionView:
+    def broken(state: dict[str, Any], event: Event) -> None:
         raise RuntimeError("reducer bug")
 
-    monkeypatch.setattr(history_mod, "apply", broken)
+    monkeypatch.setattr(history_mod, "fold", broken)
     plugin = HistoryPlugin(db)
     name = signals.receiver_name(plugin._on_event)
     before = signals.receiver_failures[name]
