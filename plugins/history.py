@@ -464,6 +464,7 @@ class HistoryPlugin(Plugin):
                 raise ValueError(f"history cannot record {sorted(unknown)}")
         if max_rows is not None and max_rows < 1:
             raise ValueError("max_rows must be at least 1 (or None)")
+        self._per_message = self.kinds & PACKED_KINDS
         self.path = str(path)
         self.max_age = max_age
         self.max_rows = max_rows
@@ -544,6 +545,9 @@ class HistoryPlugin(Plugin):
     # --- the receiver (on the event loop: keep it cheap) ---------------------------------------
     def _on_event(self, sender: Any, event: Event) -> None:
         kind = event.kind
+        if kind in self._per_message:  # the per-message kinds: straight to _record
+            self._record(event)
+            return
         if kind in HEARTBEAT_KINDS:
             self._heartbeat(event)
             return
