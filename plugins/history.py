@@ -65,36 +65,6 @@ log = logging.getLogger("backbone.plugins.history")
 
 SCHEMA_VERSION: Final = 2
 
-#: the kinds written one row per event
-RECORDED_KINDS: Final = frozenset(
-    {
-        "server.started",
-        "server.stopped",
-        "connected",
-        "disconnected",
-        "heartbeat.timed_out",
-        "state.changed",
-        "connect.failed",
-        "reconnect.scheduled",
-        "protocol.violated",
-        "message.sent",
-        "message.received",
-        "message.processed",
-        "ack.sent",
-        "ack.received",
-        "ack.late",
-        "ack.timed_out",
-        "ack.failed",
-        "send.rejected",
-        "goaway.received",
-    }
-)
-#: the kinds recorded unless ``kinds=`` says otherwise: all but ``message.received``, since
-#: ``message.processed`` records the same message once handled, with its outcome (one row
-#: per message received instead of two)
-DEFAULT_KINDS: Final = RECORDED_KINDS - {"message.received"}
-#: the kinds sampled (see ``heartbeat_every``)
-HEARTBEAT_KINDS: Final = frozenset({"heartbeat.received", "heartbeat.acknowledged"})
 #: the per-message kinds: a run of them for one client (and role) within one writer batch
 #: is stored as one row, a *pack* (see :func:`pack_rows`)
 PACKED_KINDS: Final = frozenset(
@@ -110,6 +80,27 @@ PACKED_KINDS: Final = frozenset(
         "send.rejected",
     }
 )
+#: the kinds recorded: connection events one row per event, per-message ones in packs
+RECORDED_KINDS: Final = PACKED_KINDS | frozenset(
+    {
+        "server.started",
+        "server.stopped",
+        "connected",
+        "disconnected",
+        "heartbeat.timed_out",
+        "state.changed",
+        "connect.failed",
+        "reconnect.scheduled",
+        "protocol.violated",
+        "goaway.received",
+    }
+)
+#: the kinds recorded unless ``kinds=`` says otherwise: all but ``message.received``, since
+#: ``message.processed`` records the same message once handled, with its outcome (one row
+#: per message received instead of two)
+DEFAULT_KINDS: Final = RECORDED_KINDS - {"message.received"}
+#: the kinds sampled (see ``heartbeat_every``)
+HEARTBEAT_KINDS: Final = frozenset({"heartbeat.received", "heartbeat.acknowledged"})
 #: the ``kind`` of a pack that holds more than one kind
 MIXED: Final = "*"
 #: a pack spans at most this many seconds (first to last event); queries by time read
