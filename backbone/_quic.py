@@ -17,8 +17,13 @@ Private attributes used, each wrapped in one small function below:
   :mod:`backbone.identity`).  Session tickets are never issued, so no resumed handshake
   skips the certificate.
 * ``QuicConnectionProtocol._quic`` / ``_transmit_soon`` (protected API meant for subclasses).
-* ``QuicConnection._spaces[ONE_RTT].ack_at`` — a pending ACK is sent with our stream data
-  rather than in a datagram of its own a millisecond later (:meth:`QuicEndpoint.write_now`).
+* ``QuicConnection._spaces[ONE_RTT].ack_at`` and ``_ack_delay`` — a pending ACK is sent
+  with our stream data rather than in a datagram of its own a millisecond later
+  (:meth:`QuicEndpoint.write_now`, :meth:`QuicEndpoint.queue`), and the ACK of a message
+  that asks for a result waits a little for that result (:meth:`QuicEndpoint.hold_ack`).
+* ``QuicConnectionProtocol._process_events`` — a server connection handles a datagram
+  without transmitting at once; the server's :class:`SocketReader` transmits once per
+  connection at the end of each batch of datagrams (:meth:`_GatedServer.end_batch`).
 * ``QuicConnection._spaces`` / ``_crypto_buffers`` / ``_crypto_streams`` — a server
   connection gives back its Initial and Handshake CRYPTO buffers once both epochs are
   discarded (:func:`release_handshake_memory`), and ``aioquic.quic.connection.EPOCHS`` is
@@ -143,6 +148,12 @@ def client_configuration(
     return config
 
 
+#: how long the ACK of a message that asks for a result may wait for that result, from
+#: the packet's arrival (:meth:`QuicEndpoint.hold_ack`).  Below aioquic's advertised
+#: ``max_ack_delay`` (25 ms), which the peer adds to its retransmission timeout.
+ACK_HOLD = 0.015
+
+
 class QuicEndpoint(QuicConnectionProtocol):
     """A QUIC connection that reports stream data, handshake and termination to hooks.
 
@@ -151,6 +162,12 @@ class QuicEndpoint(QuicConnectionProtocol):
     when our own close is requested, when the peer's CONNECTION_CLOSE arrives, or when
     aioquic reports the end of the connection.
     """
+
+    #: a server connection read by a :class:`SocketReader`: the connections that received
+    #: a datagram in the current batch, transmitted once each at its end (None: transmit
+    #: after every datagram, as aioquic does)
+    _batch: list[QuicEndpoint] | None = None
+    _in_batch = False
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
@@ -208,7 +225,18 @@ class QuicEndpoint(QuicConnectionProtocol):
         ):
             self.reset_received()
             return
-        super().datagram_received(data, addr)
+        batch = self._batch
+        if batch is None:
+            super().datagram_received(data, addr)
+        else:
+            # aioquic's datagram_received without its transmit: the reader transmits once
+            # per connection at the end of its batch, so a burst of datagrams from one
+            # peer (results, ACKs) costs one transmit, and its ACK goes with our answers
+            self._quic.receive_datagram(cast(bytes, data), addr, now=self._loop.time())
+            self._process_events()
+            if not self._in_batch:
+                self._in_batch = True
+                batch.append(self)
         close_event = self._quic._close_event
         if close_event is not None and not self.terminated_reported:
             self.close_by_transport = close_event.frame_type is not None
@@ -264,6 +292,15 @@ class QuicEndpoint(QuicConnectionProtocol):
         self._quic.send_stream_data(stream_id, data)
         self._transmit_soon()
 
+    def queue(self, stream_id: int, data: bytes) -> None:
+        """Queue stream data for the transmit that follows (the caller makes sure one
+        does), with any pending acknowledgement: see :meth:`write_now`."""
+        quic = self._quic
+        quic.send_stream_data(stream_id, data)
+        space = quic._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = min(space.ack_at, self._loop.time())
+
     def write_now(self, stream_id: int, data: bytes) -> None:
         """Queue stream data and transmit at once (the caller already coalesced).
 
@@ -273,12 +310,22 @@ class QuicEndpoint(QuicConnectionProtocol):
         and the ACK of that MESSAGE in another one a millisecond later: twice the
         datagrams, each costing both ends a full receive path.  Acknowledging early is
         always allowed (RFC 9000 §13.2.1)."""
-        quic = self._quic
-        quic.send_stream_data(stream_id, data)
-        space = quic._spaces.get(Epoch.ONE_RTT)
-        if space is not None and space.ack_at is not None:
-            space.ack_at = min(space.ack_at, self._loop.time())
+        self.queue(stream_id, data)
         self.transmit()
+
+    def hold_ack(self, delay: float = ACK_HOLD) -> None:
+        """Let the pending acknowledgement wait up to ``delay`` after the packet that
+        needs it (instead of aioquic's 1 ms), because an answer is on its way: a RESULT
+        written by then carries the ACK (:meth:`write_now`), one datagram instead of two.
+        Called while the packet that brought a message asking for a result is handled;
+        RFC 9000 §13.2.1 allows up to the advertised ``max_ack_delay``."""
+        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        if space is None or space.ack_at is None:
+            return
+        # aioquic set ack_at to the arrival of the oldest unacknowledged packet + 1 ms
+        held = space.ack_at - self._quic._ack_delay + delay
+        if held > space.ack_at:
+            space.ack_at = held
 
     def shut(self, reason: str, code: int, detail: str = "") -> None:
         """Close from our side, remembering ``reason`` for the Disconnected event."""
@@ -460,6 +507,11 @@ class SocketReader:
     and reading stale datagrams is how a server stays behind.  ``late_at`` is the last
     time (loop clock) a datagram waited longer than ``late_after`` or was dropped: the
     server was behind its input then.
+
+    After each batch the protocol's ``end_batch()`` (if it has one) transmits, once per
+    connection, what the batch's datagrams called for.  ``lag`` tells whether the batch
+    left datagrams behind, and how old they are (about: the last one read had waited
+    that long).
     """
 
     def __init__(
@@ -487,6 +539,11 @@ class SocketReader:
         self.dropped = 0
         self.batches = 0
         self.datagrams = 0
+        #: how long the last datagram read had waited, when the last batch ended with
+        #: datagrams still in the socket (it hit its budget); 0 when it emptied the socket
+        self.lag = 0.0
+        #: the protocol's end-of-batch hook (:meth:`_GatedServer.end_batch`)
+        self._end_batch: Callable[[], None] | None = getattr(protocol, "end_batch", None)
         self._loop._add_reader(  # type: ignore[attr-defined]
             self._sock.fileno(), self._read_ready
         )
@@ -499,31 +556,40 @@ class SocketReader:
         max_wait, late_after = self.max_wait, self.late_after
         self.batches += 1
         stop_at = time.time() + self.time_budget
-        for _ in range(self.budget):
-            try:
-                data, ancillary, _flags, addr = sock.recvmsg(65536, _ANCILLARY_SPACE)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                protocol.error_received(exc)
-                break
-            self.datagrams += 1
-            now = time.time()
-            waited = 0.0
-            for level, kind, raw in ancillary:
-                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                    sec, nsec = _TIMESPEC.unpack(raw)
-                    waited = now - (sec + nsec * 1e-9)
-            if waited > late_after:
-                self.late_at = self._loop.time()
-            if max_wait and waited > max_wait:
-                self.dropped += 1
-                continue
-            self.waited = waited
-            protocol.datagram_received(data, addr)
-            if transport.is_closing() or time.time() > stop_at:
-                break
-        self.waited = 0.0
+        lag = 0.0
+        try:
+            for _ in range(self.budget):
+                try:
+                    data, ancillary, _flags, addr = sock.recvmsg(65536, _ANCILLARY_SPACE)
+                except (BlockingIOError, InterruptedError):
+                    lag = 0.0
+                    break
+                except OSError as exc:
+                    protocol.error_received(exc)
+                    break
+                self.datagrams += 1
+                now = time.time()
+                waited = 0.0
+                for level, kind, raw in ancillary:
+                    if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                        sec, nsec = _TIMESPEC.unpack(raw)
+                        waited = now - (sec + nsec * 1e-9)
+                lag = waited
+                if waited > late_after:
+                    self.late_at = self._loop.time()
+                if max_wait and waited > max_wait:
+                    self.dropped += 1
+                    continue
+                self.waited = waited
+                protocol.datagram_received(data, addr)
+                if transport.is_closing() or time.time() > stop_at:
+                    break
+        finally:
+            self.waited = 0.0
+            self.lag = lag
+            end_batch = self._end_batch
+            if end_batch is not None:
+                end_batch()
 
 
 class Refusal(NamedTuple):
@@ -574,6 +640,8 @@ class _GatedServer(QuicServer):
     gate: Gate | None = None
     reset: ResetHook | None = None
     reset_token: Callable[[bytes], bytes] | None = None
+    #: read by a SocketReader: the connections to transmit at the end of its batch
+    batch: list[QuicEndpoint] | None = None
 
     def __init__(
         self, *, configuration: QuicConfiguration, create_protocol: Callable[..., QuicEndpoint]
@@ -584,7 +652,26 @@ class _GatedServer(QuicServer):
     def _new_protocol(self, quic: QuicConnection, **kw: Any) -> QuicEndpoint:
         if self.reset_token is not None:
             issue_reset_tokens(quic, self.reset_token)
-        return self._make_protocol(quic, **kw)
+        protocol = self._make_protocol(quic, **kw)
+        protocol._batch = self.batch
+        return protocol
+
+    def end_batch(self) -> None:
+        """The reader's batch is done: one transmit for each connection that received
+        something in it (sends what the datagrams called for, ACKs that are due, and
+        re-arms aioquic's timer)."""
+        batch = self.batch
+        if not batch:
+            return
+        endpoints = batch[:]
+        batch.clear()
+        for endpoint in endpoints:
+            endpoint._in_batch = False  # all of them first: one failure must not strand others
+        for endpoint in endpoints:
+            try:
+                endpoint.transmit()
+            except Exception:  # as the loop would report a failed callback, and go on
+                log.exception("transmit to %s failed", endpoint.peer_address())
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         data = cast(bytes, data)
@@ -693,6 +780,7 @@ async def start_server(
     _grow_buffers(transport.get_extra_info("socket"), UDP_BUFFER)
     reader: SocketReader | None = None
     if isinstance(loop, selector_events.BaseSelectorEventLoop) and hasattr(transport, "_sock"):
+        server.batch = []  # before any connection exists: each one is handed the list
         reader = SocketReader(transport, server, max_wait=max_wait, late_after=late_after)
         if not reader.timestamps:
             log.info("no arrival timestamps on this platform: no datagram is dropped for age")

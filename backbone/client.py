@@ -83,7 +83,7 @@ class _ClientConnection(QuicEndpoint):
 
     def _send_session_output(self) -> None:
         for sid, out in self.session.data_to_send():
-            self._quic.send_stream_data(sid, out)
+            self.queue(sid, out)  # with any ACK that is pending
         self.transmit()
 
     def _arm(self) -> None:

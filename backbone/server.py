@@ -176,7 +176,8 @@ class _ServerConnection(QuicEndpoint):
         if stream_id == HEARTBEAT_STREAM:
             pongs = session.data_to_send()
             for sid, out in pongs:
-                self._quic.send_stream_data(sid, out)
+                # with the PING's ACK: one datagram back instead of a PONG and an ACK
+                self.queue(sid, out)
             if pongs and self.link is not None and signals.wants(signals.on_heartbeat):
                 signals.emit(
                     signals.on_heartbeat,
@@ -256,6 +257,7 @@ class Server(HandlerOwner, PendingOwner):
         self._dropped_reported = 0
         self._resetter: StatelessResetter | None = None
         self._resets_reported = (0, 0)
+        self._lag_limit = self.config.behind_after / 2
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -395,6 +397,15 @@ class Server(HandlerOwner, PendingOwner):
         """A timer that fires late means the loop is behind."""
         if now - due > self.config.behind_after:
             self._timers_late_at = now
+
+    def _reading_first(self) -> bool:
+        """Results are awaited, or the socket reader's last batch left datagrams that had
+        waited more than half of ``behind_after``: the Flusher writes in short
+        slices, so the server reads its answers and catches up with its socket."""
+        if super()._reading_first():
+            return True
+        reader = self._reader
+        return reader is not None and reader.lag > self._lag_limit
 
     def behind_at(self) -> float:
         """The last time (loop clock) the server was behind its input: a datagram waited
@@ -592,7 +603,7 @@ class Server(HandlerOwner, PendingOwner):
         )
         conn.rearm()
         for sid, out in conn.session.data_to_send():
-            conn._quic.send_stream_data(sid, out)
+            conn.queue(sid, out)  # the WELCOME, with the ACK of the HELLO
         conn.link = Link(
             self,
             conn,
@@ -683,7 +694,12 @@ class Server(HandlerOwner, PendingOwner):
         headers: dict[str, str] | None = None,
     ) -> BroadcastReport:
         """Send one message to every connected client: encoded once, the same bytes to
-        each.  Never raises for one bad client: each client's outcome is in the report."""
+        each.  Never raises for one bad client: each client's outcome is in the report.
+
+        The message is queued on every connection at once; the writes are spread over
+        event-loop passes (a few ms of them per pass, :class:`~backbone._link.Flusher`)
+        so that the server keeps reading its socket, the recipients' answers included.
+        Without ``wait_ack`` it returns once every copy has been handed to QUIC."""
         flags, body = encode_payload(payload)
         if wait_ack:
             flags |= FLAG_WAIT_ACK
@@ -711,6 +727,8 @@ class Server(HandlerOwner, PendingOwner):
                 outcomes[client_id] = Outcome(client_id)
             else:
                 futures[client_id] = (link.session_id, fut)
+        if not wait_ack:
+            await self._flushed()
         if futures:
             try:
                 await asyncio.wait([f for _, f in futures.values()])
