@@ -17,8 +17,9 @@ connection; RLIMIT_NOFILE raised to the hard limit):
    ``--bcast-window`` s with one one-way broadcast per second;
 3. backbone only: the restart storm — SIGKILL the server holding every client, restart it
    on the same port at once, and sample its connected count every 0.25 s until all are
-   back (or ``--storm-timeout``); clients detect the dead server by their own heartbeats
-   (aioquic sends no stateless reset), then reconnect with their default backoff;
+   back (or ``--storm-timeout``); the restarted server answers packets of connections
+   it does not know with a stateless reset (``backbone/reset.py``), which ends a
+   client's connection at once; the clients then reconnect with their default backoff;
 4. memory per connection: the server's RSS growth per connection for backbone and raw
    aioquic, each also with :func:`bench._scale_agents.release_handshake_memory` applied
    after the handshake (the prototype for ``backbone/_quic.py``).
@@ -688,13 +689,16 @@ def section(r: dict[str, Any], command: str) -> str:
             f"| server CPU during the storm | {st['server_cpu_s']:.1f} s |",
             f"| server peak RSS during the storm | {st['server_peak_rss_kib'] / 1024:,.0f} MiB |",
             "",
-            "The clients learn of the kill only from their own heartbeats (aioquic neither "
-            "sends nor detects stateless resets): with the default 15 s × 3, a client "
-            "declares the server dead 45 s after the last PONG it got, so most clients "
-            "start reconnecting 30–45 s after the kill, the rest earlier if their last PONG "
-            "was already late; then backoff (1 s doubling to 60 s), admission control and "
-            "the handshakes set the pace.  The raw and WebSocket baselines have no "
-            "reconnect logic of their own and are not run in this scenario.",
+            "The restarted server (same port; its reset key is derived from its TLS key) "
+            "answers each packet of a connection it does not know with a stateless reset, "
+            "and a client that receives one ends that connection at once (reason "
+            "`stateless_reset`) instead of waiting 45 s for its heartbeat timeout.  A "
+            "client sends its next packet when its next PING is due, so the clients learn "
+            "of the restart spread over one heartbeat interval (15 s), which is the slope "
+            "of the first half of the curve; then backoff (1 s doubling to 60 s, with "
+            "jitter), admission control (300 new sessions/s) and the handshakes set the "
+            "pace.  The raw and WebSocket baselines have no "
+"reconnect logic of their own and are not run in this scenario.",
         ]
     mem = r.get("memory")
     if mem:
