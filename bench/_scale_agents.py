@@ -193,6 +193,9 @@ async def bb_server_main(args: argparse.Namespace) -> None:
         import tracemalloc
 
         tracemalloc.start(args.tracemalloc)
+    gc_threshold = os.environ.get("BENCH_GC_THRESHOLD")  # e.g. "50000,20,100"
+    if gc_threshold:
+        gc.set_threshold(*(int(x) for x in gc_threshold.split(",")))
     settings: dict[str, Any] = {}
     if args.admission is not None:
         settings["max_new_sessions_per_second"] = args.admission
