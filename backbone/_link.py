@@ -473,7 +473,9 @@ class Link:
         self._flush_queued = False
         self._inbox: deque[Message] = deque()
         self._wakeup: asyncio.Future[None] | None = None
-        self._worker = self._loop.create_task(self._work(), name=f"backbone-handler-{client_id}")
+        self._worker: asyncio.Task[None] | None = self._loop.create_task(
+            self._work(), name=f"backbone-handler-{client_id}"
+        )
 
     # --- outgoing ---------------------------------------------------------------------
     def buffered(self) -> int:
@@ -815,12 +817,21 @@ class Link:
         if self.closed:
             return 0
         self.closed = True
-        self._worker.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
         dropped = len(self._inbox)
         self._inbox.clear()
         self._outbox.clear()
         self._outbox_bytes = 0
         return dropped
+
+
+    def release(self) -> None:
+        """The connection is gone for good (after :meth:`shutdown`): let go of the handler
+        task, whose ``CancelledError`` traceback holds the frame of :meth:`_work`, and so
+        this link — a reference cycle the garbage collector would have to find."""
+        self.shutdown()
+        self._worker = None
 
 
 async def _as_awaitable(value: Awaitable[Any]) -> Any:

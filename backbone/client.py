@@ -73,6 +73,7 @@ class _ClientConnection(QuicEndpoint):
             max_inbound=cfg.max_inbound_queue,
         )
         self.link: Link | None = None
+        self.quic_ended = False
         self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()
         self.lost: asyncio.Future[str] = self._loop.create_future()
         self.goaway: GoAway | None = None
@@ -85,6 +86,23 @@ class _ClientConnection(QuicEndpoint):
         for sid, out in self.session.data_to_send():
             self.queue(sid, out)  # with any ACK that is pending
         self.transmit()
+
+    def ended(self) -> None:
+        # aioquic is done with the connection: break the cycles through this object
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()
+            self._hb_timer = None
+        self.quic_ended = True
+        self.release_link()
+
+    def release_link(self) -> None:
+        """Let go of the link once both are done with it: aioquic (:meth:`ended`) and the
+        owner's bookkeeping of the end (which shuts the link down); whichever comes last
+        calls this with effect."""
+        link = self.link
+        if link is not None and link.closed and self.quic_ended:
+            self.link = None
+            link.release()
 
     def _arm(self) -> None:
         when = self.session.get_timer()
@@ -472,6 +490,7 @@ class Client(HandlerOwner, PendingOwner):
                 reason = await asyncio.shield(conn.lost)
                 up_for = self._loop.time() - conn.link.opened_at
                 self._connection_ended(conn, reason, up_for)
+                conn.release_link()
                 if up_for >= self.config.backoff_reset_after:
                     self.backoff.reset()
                 if self._closing:
@@ -487,6 +506,8 @@ class Client(HandlerOwner, PendingOwner):
                 if last.link is not None and not last.link.closed:
                     self._connection_ended(last, "closed", self._loop.time() - last.link.opened_at)
                 close_transport(last)
+                last.release_link()
+                self._conn = None
             self._fail_entries(
                 self.pending.drop_all(),
                 lambda msg_id, peer: ServerGone(msg_id, "server", "client closed"),

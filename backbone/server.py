@@ -87,6 +87,7 @@ class _ServerConnection(QuicEndpoint):
             now=now,
         )
         self.link: Link | None = None
+        self.quic_ended = False
         self.identity: ClientIdentity | None = None
         if cfg.require_client_cert:
             request_client_certificate(quic)
@@ -94,6 +95,23 @@ class _ServerConnection(QuicEndpoint):
         self.connected_at_wall = 0.0
         self._hb_timer: asyncio.TimerHandle | None = None
         self._arm(self.session.get_timer())
+
+    def ended(self) -> None:
+        # aioquic is done with the connection: break the cycles through this object
+        if self._hb_timer is not None:
+            self._hb_timer.cancel()
+            self._hb_timer = None
+        self.quic_ended = True
+        self.release_link()
+
+    def release_link(self) -> None:
+        """Let go of the link once both are done with it: aioquic (:meth:`ended`) and the
+        owner's bookkeeping of the end (which shuts the link down); whichever comes last
+        calls this with effect."""
+        link = self.link
+        if link is not None and link.closed and self.quic_ended:
+            self.link = None
+            link.release()
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
@@ -659,6 +677,7 @@ class Server(HandlerOwner, PendingOwner):
                     duration=self._loop.time() - link.opened_at,
                 ),
             )
+        conn.release_link()
 
     # --- sending -------------------------------------------------------------------------------
     async def send_to(
