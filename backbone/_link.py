@@ -220,8 +220,7 @@ class PendingOwner:
     def _reading_first(self) -> bool:
         """Whether reading should come before writing much more (the Flusher's short
         budget): results are awaited, whose answers must be read promptly."""
-        pending = getattr(self, "pending", None)
-        return pending is not None and len(pending) > 0
+        return len(self.pending) > 0
 
     def _flushed(self) -> asyncio.Future[None]:
         """Done once every frame queued so far has been handed to QUIC."""
@@ -407,6 +406,27 @@ class LinkOwner(Protocol):
     def _arm_pending_timer(self, deadline: float) -> None: ...
 
     def flusher(self) -> Flusher: ...
+
+
+class LinkHolder:
+    """Mixin for the server's and the client's connection classes: their :class:`Link`,
+    let go of once both are done with it — aioquic (:meth:`ended`, called by
+    ``_quic.release_connection``) and the owner's bookkeeping of the end, which shuts
+    the link down and then calls :meth:`release_link`.  Whichever comes last releases
+    it, so the connection and its link are freed by reference counting."""
+
+    link: Link | None = None
+    quic_ended: bool = False
+
+    def ended(self) -> None:
+        self.quic_ended = True
+        self.release_link()
+
+    def release_link(self) -> None:
+        link = self.link
+        if link is not None and link.closed and self.quic_ended:
+            self.link = None
+            link.release()
 
 
 class HandlerOwner:
@@ -824,7 +844,6 @@ class Link:
         self._outbox.clear()
         self._outbox_bytes = 0
         return dropped
-
 
     def release(self) -> None:
         """The connection is gone for good (after :meth:`shutdown`): let go of the handler

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import signals
-from ._link import HandlerOwner, Link, PendingOwner, report_violation
+from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, report_violation
 from ._quic import (
     CONNECTION_REFUSED,
     CRYPTO_ERROR_BASE,
@@ -59,7 +59,7 @@ class ConnectError(Exception):
         self.goaway = goaway  # the server said when to come back
 
 
-class _ClientConnection(QuicEndpoint):
+class _ClientConnection(LinkHolder, QuicEndpoint):
     def __init__(self, quic: Any, client: Client, **_: Any) -> None:
         super().__init__(quic)
         self.client = client
@@ -73,7 +73,6 @@ class _ClientConnection(QuicEndpoint):
             max_inbound=cfg.max_inbound_queue,
         )
         self.link: Link | None = None
-        self.quic_ended = False
         self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()
         self.lost: asyncio.Future[str] = self._loop.create_future()
         self.goaway: GoAway | None = None
@@ -86,23 +85,6 @@ class _ClientConnection(QuicEndpoint):
         for sid, out in self.session.data_to_send():
             self.queue(sid, out)  # with any ACK that is pending
         self.transmit()
-
-    def ended(self) -> None:
-        # aioquic is done with the connection: break the cycles through this object
-        if self._hb_timer is not None:
-            self._hb_timer.cancel()
-            self._hb_timer = None
-        self.quic_ended = True
-        self.release_link()
-
-    def release_link(self) -> None:
-        """Let go of the link once both are done with it: aioquic (:meth:`ended`) and the
-        owner's bookkeeping of the end (which shuts the link down); whichever comes last
-        calls this with effect."""
-        link = self.link
-        if link is not None and link.closed and self.quic_ended:
-            self.link = None
-            link.release()
 
     def _arm(self) -> None:
         when = self.session.get_timer()

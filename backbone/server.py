@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import HandlerOwner, Link, PendingOwner, report_violation
+from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, report_violation
 from ._quic import (
     QuicEndpoint,
     Refusal,
@@ -71,7 +71,7 @@ from .stats import Figures, Stats
 log = logging.getLogger("backbone.server")
 
 
-class _ServerConnection(QuicEndpoint):
+class _ServerConnection(LinkHolder, QuicEndpoint):
     """One client connection on the server."""
 
     def __init__(self, quic: Any, server: Server, **_: Any) -> None:
@@ -87,7 +87,6 @@ class _ServerConnection(QuicEndpoint):
             now=now,
         )
         self.link: Link | None = None
-        self.quic_ended = False
         self.identity: ClientIdentity | None = None
         if cfg.require_client_cert:
             request_client_certificate(quic)
@@ -95,23 +94,6 @@ class _ServerConnection(QuicEndpoint):
         self.connected_at_wall = 0.0
         self._hb_timer: asyncio.TimerHandle | None = None
         self._arm(self.session.get_timer())
-
-    def ended(self) -> None:
-        # aioquic is done with the connection: break the cycles through this object
-        if self._hb_timer is not None:
-            self._hb_timer.cancel()
-            self._hb_timer = None
-        self.quic_ended = True
-        self.release_link()
-
-    def release_link(self) -> None:
-        """Let go of the link once both are done with it: aioquic (:meth:`ended`) and the
-        owner's bookkeeping of the end (which shuts the link down); whichever comes last
-        calls this with effect."""
-        link = self.link
-        if link is not None and link.closed and self.quic_ended:
-            self.link = None
-            link.release()
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
