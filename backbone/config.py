@@ -105,6 +105,12 @@ class ServerConfig(_Common):
     stateless_reset_burst: int = Field(
         1000, ge=1, description="stateless resets allowed in one burst"
     )
+    gc_freeze: bool = Field(
+        False,
+        description="move live connections out of the cyclic garbage collector's reach "
+        "(gc.freeze) as clients connect; needed for thousands of clients, but process-wide: "
+        "on for `backbone serve`, off for an embedded Server (see docs/scaling.md)",
+    )
 
     @field_validator("stateless_reset_key")
     @classmethod

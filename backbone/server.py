@@ -53,6 +53,7 @@ from .frames import (
     encode_json_frame,
     encode_payload,
 )
+from .gc_freeze import ConnectionFreezer
 from .identity import (
     AuthFailure,
     ClientIdentity,
@@ -258,6 +259,7 @@ class Server(HandlerOwner, PendingOwner):
         self._resetter: StatelessResetter | None = None
         self._resets_reported = (0, 0)
         self._lag_limit = self.config.behind_after / 2
+        self._freezer = ConnectionFreezer() if self.config.gc_freeze else None
 
     # --- lifecycle -----------------------------------------------------------------------------
     @property
@@ -390,6 +392,8 @@ class Server(HandlerOwner, PendingOwner):
             )
             self._dropped_reported = reader.dropped
         self.figures.sample(now)
+        if self._freezer is not None:
+            self._freezer.tick(len(self._sessions))
         self._sampler = self._loop.call_later(1.0, self._sample)
 
     # --- overload -------------------------------------------------------------------------
@@ -508,6 +512,8 @@ class Server(HandlerOwner, PendingOwner):
             self._pending_timer.cancel()
         if self._sampler is not None:
             self._sampler.cancel()
+        if self._freezer is not None:
+            self._freezer.stop()
         log.info("stopped")
         if signals.wants(signals.on_server_stopped):
             signals.emit(
@@ -620,6 +626,8 @@ class Server(HandlerOwner, PendingOwner):
             log.info("client %r reconnected; closing its previous session", hello.client_id)
             old.shut("replaced", ErrorCode.REPLACED, "a newer connection took over this client id")
         log.info("client %r connected from %s", hello.client_id, conn.peer_address())
+        if self._freezer is not None:
+            self._freezer.connected()
         if signals.wants(signals.on_connected):
             signals.emit(
                 signals.on_connected,

@@ -375,6 +375,12 @@ class ServeSettings(_Layered, ServerConfig):  # type: ignore[misc]
     toml_ignore: ClassVar[frozenset[str]] = frozenset({"client"})
     fallback_doc: ClassVar[dict[str, str]] = SERVER_DOC
 
+    gc_freeze: bool = Field(
+        True,
+        description="move live connections out of the cyclic garbage collector's reach "
+        "(gc.freeze) as clients connect; on here because the process is backbone's "
+        "(see docs/scaling.md)",
+    )
     admin_enabled: bool = Field(True, description="serve the admin HTTP API")
     admin_host: str = Field(
         "127.0.0.1",

@@ -71,4 +71,3 @@ async def test_ended_connections_are_freed_without_the_cyclic_collector(
         # the client closed: its connection and the server's are gone too
         # (the Client object itself stays: it is still referenced here)
         assert await _count_settles(QuicConnection, before) == before
-

@@ -24,8 +24,14 @@ SAMPLES: dict[type[Any], dict[str, Any]] = {
         role="client", msg_id=MID, client_id="c", size=3, wait_ack=False, headers={"k": "v"}
     ),
     MessageProcessed: dict(
-        role="client", msg_id=MID, client_id="c", wait_ack=True, ok=False,
-        error_type="ValueError", started_at=1.5, processing_time=0.25,
+        role="client",
+        msg_id=MID,
+        client_id="c",
+        wait_ack=True,
+        ok=False,
+        error_type="ValueError",
+        started_at=1.5,
+        processing_time=0.25,
     ),
     AckSent: dict(role="client", msg_id=MID, client_id="c", ok=True, size=2, processing_time=0.1),
     AckReceived: dict(role="server", msg_id=MID, client_id="c", ok=True, latency=0.01),
@@ -81,6 +87,10 @@ async def test_what_the_core_builds_validates(make_server, make_client, events):
             assert again == e and again.model_dump_json() == e.model_dump_json()
             checked += 1
     assert {e.kind for e in events.items} >= {
-        "message.sent", "message.received", "message.processed", "ack.sent", "ack.received"
+        "message.sent",
+        "message.received",
+        "message.processed",
+        "ack.sent",
+        "ack.received",
     }
     assert checked >= 10

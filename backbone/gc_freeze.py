@@ -1,0 +1,85 @@
+"""Keeping live connections out of CPython's cyclic garbage collector.
+
+Every QUIC connection is a graph of a few hundred container objects (aioquic's streams,
+crypto state, handler tables; backbone's link and session).  CPython's collector walks
+all of them in each full collection, and it runs a full collection whenever the objects
+that survived into the oldest generation grew by a quarter: with 2,000 connections one
+pass took 0.5-0.7 s, with 4,000 1.1 s, and while 10,000 clients connected the server spent
+about 80 % of its CPU there and fell behind its socket (docs/benchmarks.md, "What stands
+in the way").
+
+:class:`ConnectionFreezer` moves what exists into the collector's permanent generation
+(:func:`gc.freeze`) each time enough connections were made since the last time: a tenth of
+those alive, at least ``min_batch``.  A collection of the young generations runs first,
+so short-lived garbage is not frozen with them.  Frozen objects are still freed by
+reference counting when their connection ends: backbone breaks an ended connection's
+reference cycles (:func:`backbone._quic.release_connection`), so the collector is not
+needed for them.
+
+The cost: an object alive at a freeze that later becomes part of unreachable *cyclic*
+garbage is never reclaimed.  That is why it is the server's ``gc_freeze`` setting,
+on for ``backbone serve`` (the process is backbone's) and off for an embedded
+:class:`~backbone.Server` (the process is the application's); :meth:`stop` undoes it.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("backbone.server")
+
+
+class ConnectionFreezer:
+    """Decides when to freeze (pure apart from the injected ``gc`` functions).
+
+    Call :meth:`connected` for each new session and :meth:`tick` periodically with the
+    number of live sessions; :meth:`tick` freezes when ``new >= max(min_batch, growth *
+    live)`` and says whether it did."""
+
+    def __init__(
+        self,
+        *,
+        min_batch: int = 100,
+        growth: float = 0.1,
+        collect_young: Callable[[], object] = lambda: gc.collect(1),
+        freeze: Callable[[], None] = gc.freeze,
+        unfreeze: Callable[[], None] = gc.unfreeze,
+        frozen_count: Callable[[], int] = gc.get_freeze_count,
+    ) -> None:
+        self.min_batch = min_batch
+        self.growth = growth
+        self._collect_young = collect_young
+        self._freeze = freeze
+        self._unfreeze = unfreeze
+        self._frozen_count = frozen_count
+        self.new_since_freeze = 0
+        self.freezes = 0
+
+    def connected(self) -> None:
+        self.new_since_freeze += 1
+
+    def due(self, live: int) -> bool:
+        return self.new_since_freeze >= max(self.min_batch, self.growth * live)
+
+    def tick(self, live: int) -> bool:
+        if not self.due(live):
+            return False
+        self._collect_young()
+        self._freeze()
+        self.freezes += 1
+        log.debug(
+            "froze %d objects out of the garbage collector's reach (%d new sessions, %d live)",
+            self._frozen_count(),
+            self.new_since_freeze,
+            live,
+        )
+        self.new_since_freeze = 0
+        return True
+
+    def stop(self) -> None:
+        """Give the frozen objects back to the collector (if this froze any)."""
+        if self.freezes:
+            self._unfreeze()
+            self.freezes = 0

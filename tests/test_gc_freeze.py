@@ -1,0 +1,118 @@
+"""The server's ``gc_freeze`` setting: live connections are moved out of the cyclic
+collector's reach as clients connect, and an ended connection is still freed (by reference
+counting) although it was frozen."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import weakref
+from collections.abc import Iterator
+
+import pytest
+from aioquic.quic.connection import QuicConnection
+
+from backbone import Server
+from backbone.gc_freeze import ConnectionFreezer
+from backbone.settings import ServeSettings
+
+
+class FakeGc:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def freezer(self, **kw: object) -> ConnectionFreezer:
+        return ConnectionFreezer(
+            collect_young=lambda: self.calls.append("collect"),
+            freeze=lambda: self.calls.append("freeze"),
+            unfreeze=lambda: self.calls.append("unfreeze"),
+            frozen_count=lambda: 0,
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def test_freezes_after_min_batch_then_after_a_tenth_of_the_live_sessions() -> None:
+    fake = FakeGc()
+    f = fake.freezer(min_batch=100, growth=0.1)
+    for _ in range(99):
+        f.connected()
+    assert not f.tick(99)
+    f.connected()
+    assert f.tick(100)
+    assert fake.calls == ["collect", "freeze"]  # the young generations first
+    assert f.new_since_freeze == 0
+    # at 5,000 live sessions, 100 new ones are not enough: 500 are
+    for _ in range(499):
+        f.connected()
+    assert not f.tick(5000)
+    f.connected()
+    assert f.tick(5000)
+    assert fake.calls == ["collect", "freeze"] * 2
+
+
+def test_stop_unfreezes_only_if_it_froze() -> None:
+    fake = FakeGc()
+    f = fake.freezer(min_batch=1)
+    f.stop()
+    assert fake.calls == []
+    f.connected()
+    f.tick(1)
+    f.stop()
+    assert fake.calls == ["collect", "freeze", "unfreeze"]
+    f.stop()  # idempotent
+    assert fake.calls.count("unfreeze") == 1
+
+
+def test_on_for_serve_off_for_an_embedded_server(certs) -> None:
+    assert ServeSettings(certfile="c", keyfile="k").server_config().gc_freeze is True
+    server = Server("127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key))
+    assert server.config.gc_freeze is False
+    assert server._freezer is None
+
+
+@pytest.fixture
+def no_cyclic_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _server_quic(server: Server, client_id: str) -> QuicConnection:
+    return server._sessions[client_id]._quic
+
+
+async def test_connections_frozen_while_alive_and_freed_when_ended(
+    make_server, make_client, events, no_cyclic_gc
+):
+    async with make_server(gc_freeze=True) as server:
+        assert server._freezer is not None
+        server._freezer.min_batch = 3
+        clients = [make_client(f"frz-{i}", server.port) for i in range(3)]
+        for c in clients:
+            await c.start()
+        for c in clients:
+            await c.wait_connected(5)
+        # the server's once-a-second sampler freezes
+        for _ in range(60):
+            if server._freezer.freezes:
+                break
+            await asyncio.sleep(0.05)
+        assert server._freezer.freezes == 1
+        tracked = {id(o) for o in gc.get_objects() if type(o) is QuicConnection}
+        quics = [_server_quic(server, f"frz-{i}") for i in range(3)]
+        assert not any(id(q) in tracked for q in quics), "live connections still tracked"
+        gone = weakref.ref(quics[0])
+        del quics
+        await clients[0].close()
+        await events.wait("disconnected", role="server", client_id="frz-0")
+        for _ in range(40):  # aioquic's closing period ends on its own timer
+            if gone() is None:
+                break
+            await asyncio.sleep(0.05)
+        assert gone() is None, "an ended frozen connection was not freed"
+        for c in clients[1:]:
+            await c.close()
+    assert server._freezer.freezes == 0  # stop() gave them back to the collector
