@@ -118,6 +118,15 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
         self._send_session_output()
         self._arm()
 
+    def abandon(self) -> None:
+        """This connect attempt failed after all: stop the link a WELCOME may already have
+        opened (its handler task would otherwise stay pending until the garbage collector
+        destroyed it; seen in a restart storm, where a WELCOME and the connect timeout
+        came in the same loop pass)."""
+        if self.link is not None:
+            self.link.shutdown()
+        self.release_link()
+
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         now = self._loop.time()
         try:
@@ -397,6 +406,7 @@ class Client(HandlerOwner, PendingOwner):
                     await conn.welcomed
                 except ConnectError as exc:
                     close_transport(conn)  # refused after the handshake (id, version, …)
+                    conn.abandon()
                     exc.goaway = conn.goaway
                     raise
                 return conn
@@ -405,6 +415,8 @@ class Client(HandlerOwner, PendingOwner):
             if conn is not None:
                 conn.shut("timeout", ErrorCode.NO_ERROR, "connect timeout")
                 close_transport(conn)
+                # the WELCOME may have come in the very loop pass the timeout fired in
+                conn.abandon()
             if conn is not None and conn.refused:
                 raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
             raise ConnectError("timeout", f"no session within {cfg.connect_timeout:g} s")
@@ -414,6 +426,8 @@ class Client(HandlerOwner, PendingOwner):
             if holder:
                 holder[0].shut("closed", ErrorCode.NO_ERROR, "connect abandoned")
                 close_transport(holder[0])
+                if self._conn is not holder[0]:  # else _run's cleanup ends its link
+                    holder[0].abandon()
             raise
 
     async def _run(self) -> None:

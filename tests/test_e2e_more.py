@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -215,3 +216,44 @@ async def test_too_many_pending_fails_at_once(make_server, make_client, events):
             gate.set()
             assert await asyncio.gather(*first, third) == ["done"] * 3
             assert len(server.pending) == 0
+
+
+async def test_a_welcome_in_the_pass_the_connect_timeout_fires_leaves_no_handler_task(
+    make_server, make_client, events
+):
+    """A WELCOME and the client's connect timeout in one loop pass (a restart storm on a
+    busy machine): the attempt fails with ``timeout``, and the link the WELCOME opened is
+    shut down with it, not left with a pending handler task for the garbage collector
+    ("Task was destroyed but it is pending!"); the client then connects normally."""
+    blocked: list[bool] = []
+
+    def stall_once(sender: object, event: object) -> None:
+        # the server has queued the WELCOME, sent at the end of this read batch: block
+        # the loop here past the client's deadline, so that on the next pass the client
+        # reads the WELCOME and then runs its expired timeout (I/O callbacks go first)
+        if not blocked and getattr(event, "role", None) == "server":
+            blocked.append(True)
+            time.sleep(0.8)
+
+    signals.on_connected.connect(stall_once, weak=False)
+    try:
+        async with make_server() as server:
+            client = make_client("stall-1", server.port, connect_timeout=0.5)
+
+            @client.handler
+            async def echo(msg: Message) -> object:
+                return msg.payload
+
+            async with client:
+                failed = await events.wait("connect.failed", client_id="stall-1", timeout=5)
+                assert failed.reason == "timeout"
+                await client.wait_connected(5)
+                assert await server.send_to("stall-1", 5, wait_ack=True) == 5
+                handlers = [
+                    t
+                    for t in asyncio.all_tasks()
+                    if t.get_name() == "backbone-handler-stall-1" and not t.done()
+                ]
+                assert len(handlers) == 2, handlers  # the server's link and the client's
+    finally:
+        signals.on_connected.disconnect(stall_once)
