@@ -187,6 +187,10 @@ class BoundedWorker(Generic[T]):
     loop once per event.  The thread sleeps ``interval`` seconds between drains, and is
     woken early only when a full batch is waiting, so a busy queue costs one wake-up per
     ``batch`` items rather than one per item.
+
+    With ``weigh``, an item stands for ``weigh(item)`` units (e.g. a chunk of events):
+    ``maxsize`` and ``batch`` are then in units, and so are the counts (``dropped``,
+    :data:`plugin_drops`, ``handled``, ``backlog``).  A batch holds at least one item.
     """
 
     def __init__(
@@ -196,10 +200,13 @@ class BoundedWorker(Generic[T]):
         maxsize: int = 100_000,
         batch: int = 1000,
         interval: float = 0.1,
+        weigh: Callable[[T], int] | None = None,
     ) -> None:
         self.name = name
         self.maxsize = maxsize
         self._handle = handle
+        self._weigh = weigh
+        self._taken = 0  # units taken off the queue by the thread (only it writes this)
         self._items: deque[T] = deque()
         self._batch = batch
         self._interval = interval
@@ -221,19 +228,20 @@ class BoundedWorker(Generic[T]):
         return self._accepted - self._finished
 
     def put(self, item: T) -> None:
-        items = self._items
-        n = len(items)
-        if n >= self.maxsize:
-            self._drop()
+        weight = 1 if self._weigh is None else self._weigh(item)
+        # units waiting; each counter has one writer, so no update is lost
+        queued = self._accepted - self._taken
+        if queued + weight > self.maxsize and queued:
+            self._drop(weight)
             return
-        items.append(item)
-        self._accepted += 1
-        if n + 1 == self._batch:
+        self._items.append(item)
+        self._accepted += weight
+        if queued < self._batch <= queued + weight:
             self._wake.set()
 
-    def _drop(self) -> None:
-        self.dropped += 1
-        plugin_drops[self.name] += 1
+    def _drop(self, weight: int = 1) -> None:
+        self.dropped += weight
+        plugin_drops[self.name] += weight
         now = time.monotonic()
         if now - self._last_drop_log >= 10.0:
             self._last_drop_log = now
@@ -253,9 +261,18 @@ class BoundedWorker(Generic[T]):
                 self._wake.wait(self._interval)
                 self._wake.clear()
                 continue
-            n = min(len(items), self._batch)
+            weigh = self._weigh
             pop = items.popleft
-            batch: list[T] = [pop() for _ in range(n)]
+            if weigh is None:
+                n = min(len(items), self._batch)
+                batch: list[T] = [pop() for _ in range(n)]
+            else:
+                batch = [pop()]
+                n = weigh(batch[0])
+                while items and n + weigh(items[0]) <= self._batch:
+                    batch.append(pop())
+                    n += weigh(batch[-1])
+            self._taken += n
             try:
                 self._handle(batch)
                 self.handled += n

@@ -160,6 +160,8 @@ def plugin_health() -> dict[str, Any]:
 
 
 def child_main(role: str, config: str, params: dict[str, Any], conn: Any) -> None:
+    if os.environ.get("BENCH_SWITCH"):
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH"]))
     try:
         coro = (
             server_main(conn, config, params)

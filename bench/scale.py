@@ -698,7 +698,7 @@ def section(r: dict[str, Any], command: str) -> str:
             "of the first half of the curve; then backoff (1 s doubling to 60 s, with "
             "jitter), admission control (300 new sessions/s) and the handshakes set the "
             "pace.  The raw and WebSocket baselines have no "
-"reconnect logic of their own and are not run in this scenario.",
+            "reconnect logic of their own and are not run in this scenario.",
         ]
     mem = r.get("memory")
     if mem:

@@ -2,11 +2,19 @@
 
 ``HistoryPlugin`` listens to the signals of the kinds it records (never to ``on_event``,
 so events of other kinds are not even built) with one cheap receiver (filter by kind,
-update an in-memory view, ``append`` to a queue).  A
-:class:`~backbone.plugins.BoundedWorker` thread writes the queued events in batches, one
-transaction per batch, through its own SQLite connection (WAL mode, ``busy_timeout``),
-and enforces retention (``max_age``, ``max_rows``) every few seconds by deleting the
-oldest rows by rowid range.
+update an in-memory view, ``append`` to a list).  Once per event-loop pass (or every
+``batch`` events) the recorded events are packed into rows (:func:`pack_rows`, which
+also serialises them) on the emitting thread, and the rows go to a
+:class:`~backbone.plugins.BoundedWorker` thread that only runs SQLite: one transaction
+per batch through its own connection (WAL mode, ``busy_timeout``), and retention
+(``max_age``, ``max_rows``) every few seconds by deleting the oldest rows by rowid range.
+
+Why the packing is not the writer's: SQLite lets go of the GIL while it works, Python
+code does not.  A writer thread busy in ``pack_rows`` and ``orjson`` held the GIL for
+milliseconds at a time, and the event loop, which gives the GIL up on every socket call,
+waited for it each time (up to the 5 ms switch interval): in the two-process benchmark
+history alone cost 38 % of the throughput for 12 µs of CPU per message
+(docs/benchmarks.md).
 
 Queries (:meth:`HistoryPlugin.history`, :meth:`~HistoryPlugin.clients`,
 :meth:`~HistoryPlugin.session_view`) are synchronous, may be called from any thread
@@ -27,12 +35,14 @@ pruned.  See ``docs/history.md``.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +207,16 @@ Record = dict[str, Any]
 
 def record_of(event: Event) -> Record:
     return event.__dict__
+
+
+#: what goes to the writer thread: ``(n, rows, records)``, ``n`` events either packed
+#: and serialised into ``rows`` (on the event loop) or, if recorded outside any event
+#: loop, as ``records`` that the writer packs itself
+Chunk = tuple[int, "list[Row]", "list[Record]"]
+
+
+def _events_in(chunk: Chunk) -> int:
+    return chunk[0]
 
 
 def parse_event(data: str | bytes) -> Event:
@@ -466,8 +486,12 @@ class HistoryPlugin(Plugin):
         self.retention_every = retention_every
         self.busy_timeout = busy_timeout
         self.max_live = max_live
-        self._worker: BoundedWorker[Record] | None = None
-        self._last_worker: BoundedWorker[Record] | None = None
+        self._worker: BoundedWorker[Chunk] | None = None
+        self._last_worker: BoundedWorker[Chunk] | None = None
+        # recorded, not yet packed (appended by the receiver, taken by _pack)
+        self._unpacked: deque[Record] = deque()
+        self._pack_due = False  # a _pack is scheduled on the loop
+        self._pack_lock = threading.Lock()  # packs go to the writer in recording order
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._rlock = threading.Lock()
@@ -491,6 +515,7 @@ class HistoryPlugin(Plugin):
     def on_install(self, sender: Any) -> None:
         if self._worker is not None:
             return  # already running for another sender
+        self._pack_due = False  # a pack scheduled on a loop that has since gone
         self._ensure_schema()
         self._wconn = conn = self._connect()
         self._last_retention = float("-inf")
@@ -500,6 +525,7 @@ class HistoryPlugin(Plugin):
             functools.partial(self._write, conn),
             maxsize=self.queue_size,
             batch=self.batch,
+            weigh=_events_in,
         )
         self._drops_base = self._worker.dropped
 
@@ -519,6 +545,7 @@ class HistoryPlugin(Plugin):
                 self._rconn = None
 
     def _stop_writer(self, timeout: float = 10.0) -> None:
+        self._pack()
         worker, self._worker = self._worker, None
         if worker is None:
             return
@@ -580,10 +607,40 @@ class HistoryPlugin(Plugin):
                     fold(state, event)
                     if len(self._live) > self.max_live:
                         self._forget_disconnected()
-        worker = self._worker
-        if worker is not None:
+        if self._worker is not None:
             self._submitted += 1
-            worker.put(fields)
+            unpacked = self._unpacked
+            unpacked.append(fields)
+            if len(unpacked) >= self.batch:
+                self._pack()
+            elif not self._pack_due:
+                try:
+                    asyncio.get_running_loop().call_soon(self._pack)
+                    self._pack_due = True
+                except RuntimeError:  # emitted outside any event loop: the writer packs
+                    self._pack(raw=True)
+
+    def _pack(self, raw: bool = False) -> None:
+        """Pack what was recorded into rows and hand them to the writer (on the loop,
+        once per pass; see the module's docstring for why not in the writer).  ``raw``:
+        hand the records over as they are, for the writer to pack."""
+        with self._pack_lock:
+            self._pack_due = False
+            unpacked = self._unpacked
+            n = len(unpacked)
+            if not n:
+                return
+            records = [unpacked.popleft() for _ in range(n)]
+            worker = self._worker
+            if worker is None:  # the writer stopped meanwhile: they count as done
+                with self._progress:
+                    self._done += n
+                    self._progress.notify_all()
+                return
+            if raw:
+                worker.put((n, [], records))
+            else:
+                worker.put((n, pack_rows(records), []))
 
     def _forget_disconnected(self) -> None:
         """Drop the live views (and heartbeat figures) of disconnected clients, oldest
@@ -596,9 +653,22 @@ class HistoryPlugin(Plugin):
             self._heartbeats.pop(("server", cid), None)
 
     # --- the writer thread ----------------------------------------------------------------------
-    def _write(self, conn: sqlite3.Connection, events: list[Record]) -> None:
+    def _write(self, conn: sqlite3.Connection, chunks: list[Chunk]) -> None:
+        events = 0
         try:
-            rows = pack_rows(events)
+            rows: list[Row] = []
+            raw: list[Record] = []  # consecutive unpacked records, packed here in order
+            for n, packed, records in chunks:
+                events += n
+                if records:
+                    raw.extend(records)
+                    continue
+                if raw:
+                    rows.extend(pack_rows(raw))
+                    raw = []
+                rows.extend(packed)
+            if raw:
+                rows.extend(pack_rows(raw))
             with _immediate(conn):
                 # seq numbers events, not rows: a pack of n takes n of them, so
                 # max(seq) + n - min(seq) counts the events kept (see _retain)
@@ -626,7 +696,7 @@ class HistoryPlugin(Plugin):
                     log.exception("history: retention failed; it is retried later")
         finally:
             with self._progress:
-                self._done += len(events)
+                self._done += events
                 self._progress.notify_all()
 
     def _retain(self, conn: sqlite3.Connection) -> int:
@@ -667,10 +737,11 @@ class HistoryPlugin(Plugin):
         return deleted
 
     # --- flushing and retention on demand -------------------------------------------------------
-    def _is_done(self, worker: BoundedWorker[Record]) -> bool:
+    def _is_done(self, worker: BoundedWorker[Chunk]) -> bool:
         return self._done + (worker.dropped - self._drops_base) >= self._submitted
 
-    def _wait_done(self, worker: BoundedWorker[Record], timeout: float) -> bool:
+    def _wait_done(self, worker: BoundedWorker[Chunk], timeout: float) -> bool:
+        self._pack()
         target = self._submitted
         deadline = time.monotonic() + timeout
         with self._progress:

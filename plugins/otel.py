@@ -175,6 +175,7 @@ class _PresetTraceIds(RandomIdGenerator):
         trace_id: int | None = self._preset.__dict__.pop("trace_id", None)
         return trace_id if trace_id is not None else super().generate_trace_id()
 
+
 Attrs = dict[str, AttributeValue]
 K = TypeVar("K")
 V = TypeVar("V")

@@ -650,3 +650,33 @@ def test_kinds_choose_what_is_stored_and_what_is_built(db):
         chosen.close()
     with pytest.raises(ValueError, match="cannot record"):
         HistoryPlugin(db, kinds=["heartbeat.received"])
+
+
+async def test_on_an_event_loop_events_are_packed_there_and_the_writer_only_writes(
+    installed, monkeypatch
+):
+    """Packing and serialising hold the GIL; SQLite does not.  Events recorded on a loop
+    are packed on that loop's thread once per pass, so the writer thread runs no Python
+    work that would keep the loop waiting for the GIL."""
+    real = history_mod.pack_rows
+    packed_on: set[int] = set()
+
+    def recording(records: Any) -> Any:
+        packed_on.add(threading.get_ident())
+        return real(records)
+
+    monkeypatch.setattr(history_mod, "pack_rows", recording)
+    plugin, s = installed(batch=1000)
+    emitted: list[Event] = []
+    for i in range(2500):
+        e: Event = sent("c1", 1000.0 + i / 1000) if i % 3 else ack("c1", 1000.0 + i / 1000)
+        emitted.append(e)
+        emit(s, e)
+        if i % 100 == 99:
+            await asyncio.sleep(0)  # a loop pass: what was recorded is packed
+    assert await asyncio.to_thread(plugin.flush, 10)
+    assert packed_on == {threading.get_ident()}
+    assert plugin.count() == 2500
+    assert plugin.row_count() <= 30  # packs of at most one loop pass each
+    assert plugin.history("c1", limit=None) == emitted
+    assert plugin.stats()["dropped"] == 0

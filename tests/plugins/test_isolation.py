@@ -124,3 +124,38 @@ async def test_raising_and_stuck_plugins_do_not_disturb_messages(
     assert warned and SLOW_QUEUE in warned[0].getMessage()
     assert warned[0].levelno == logging.WARNING
     plugin_drops.pop(SLOW_QUEUE, None)
+
+
+def test_a_weighted_worker_bounds_batches_and_counts_in_units() -> None:
+    """Items that stand for several units (history's packed chunks of events): the bound,
+    the batch and every count are in units."""
+    release = threading.Event()
+    handled: list[list[tuple[str, int]]] = []
+
+    def handle(batch: list[tuple[str, int]]) -> None:
+        release.wait(5)
+        handled.append(batch)
+
+    name = "weighted-test"
+    before = plugin_drops[name]
+    worker: BoundedWorker[tuple[str, int]] = BoundedWorker(
+        name, handle, maxsize=10, batch=6, interval=0.01, weigh=lambda item: item[1]
+    )
+    try:
+        worker.put(("a", 4))  # taken at once by the thread, which then waits on release
+        deadline = time.monotonic() + 5
+        while worker._taken < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for item in (("b", 3), ("c", 3), ("d", 4), ("e", 5)):
+            worker.put(item)
+        # queued: b, c, d = 10 units; e (5 more) is over the bound: 5 units dropped
+        assert worker.dropped == 5 and plugin_drops[name] - before == 5
+        release.set()
+        assert worker.flush(5)
+        assert handled == [[("a", 4)], [("b", 3), ("c", 3)], [("d", 4)]]  # <= 6 units each
+        assert worker.handled == 14 and worker.backlog == 0
+        worker.put(("big", 50))  # an empty queue takes even an oversize item
+        assert worker.flush(5) and handled[-1] == [("big", 50)]
+    finally:
+        release.set()
+        worker.close(1)
