@@ -79,6 +79,7 @@ from aioquic.quic.crypto import CryptoPair
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
+    PingAcknowledged,
     QuicEvent,
     StreamDataReceived,
     StreamReset,
@@ -202,6 +203,9 @@ class QuicEndpoint(QuicConnectionProtocol):
         """aioquic is done with this connection (:func:`release_connection`): drop what
         refers back to it."""
 
+    def ping_acknowledged(self, uid: int) -> None:
+        """The peer acknowledged the packet that carried :meth:`request_ack` ``uid``."""
+
     # --- aioquic plumbing -----------------------------------------------------------
     def quic_event_received(self, event: QuicEvent) -> None:
         if type(event) is StreamDataReceived:
@@ -214,6 +218,9 @@ class QuicEndpoint(QuicConnectionProtocol):
             if not self.ready.done():
                 self.ready.set_result(None)
             self.handshake_done()
+        elif isinstance(event, PingAcknowledged):
+            if not self.terminated_reported:
+                self.ping_acknowledged(event.uid)
         elif isinstance(event, StreamReset):
             if not self.terminated_reported:
                 self.stream_data(event.stream_id, b"", True)
@@ -304,11 +311,8 @@ class QuicEndpoint(QuicConnectionProtocol):
     def queue(self, stream_id: int, data: bytes) -> None:
         """Queue stream data for the transmit that follows (the caller makes sure one
         does), with any pending acknowledgement: see :meth:`write_now`."""
-        quic = self._quic
-        quic.send_stream_data(stream_id, data)
-        space = quic._spaces.get(Epoch.ONE_RTT)
-        if space is not None and space.ack_at is not None:
-            space.ack_at = min(space.ack_at, self._loop.time())
+        self._quic.send_stream_data(stream_id, data)
+        self.ack_now()
 
     def write_now(self, stream_id: int, data: bytes) -> None:
         """Queue stream data and transmit at once (the caller already coalesced).
@@ -321,6 +325,20 @@ class QuicEndpoint(QuicConnectionProtocol):
         always allowed (RFC 9000 §13.2.1)."""
         self.queue(stream_id, data)
         self.transmit()
+
+    def request_ack(self, uid: int) -> None:
+        """Put a QUIC PING frame into the next packet: the peer's acknowledgement of that
+        packet comes back as :meth:`ping_acknowledged` ``uid``.  (aioquic resends the
+        PING if the packet is lost.)"""
+        self._quic.send_ping(uid)
+
+    def ack_now(self) -> None:
+        """Send the pending acknowledgement with the next transmit instead of
+        ``K_GRANULARITY`` later on aioquic's timer: one transmit instead of two when
+        nothing else is to be sent (a heartbeat the peer expects no frame for)."""
+        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        if space is not None and space.ack_at is not None:
+            space.ack_at = min(space.ack_at, self._loop.time())
 
     def hold_ack(self, delay: float = ACK_HOLD) -> None:
         """Let the pending acknowledgement wait up to ``delay`` after the packet that

@@ -82,8 +82,11 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
         self._send_session_output()
 
     def _send_session_output(self) -> None:
-        for sid, out in self.session.data_to_send():
+        session = self.session
+        for sid, out in session.data_to_send():
             self.queue(sid, out)  # with any ACK that is pending
+        for nonce in session.take_pings():
+            self.request_ack(nonce)  # the server's ACK of this packet answers the PING
         self.transmit()
 
     def _arm(self) -> None:
@@ -127,6 +130,24 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
             self.link.shutdown()
         self.release_link()
 
+    def ping_acknowledged(self, uid: int) -> None:
+        pong = self.session.ping_acknowledged(uid, self._loop.time())
+        if pong is not None:
+            self._heartbeat_acknowledged(pong)
+
+    def _heartbeat_acknowledged(self, pong: PongReceived) -> None:
+        if signals.wants(signals.on_heartbeat):
+            signals.emit(
+                signals.on_heartbeat,
+                self.client,
+                HeartbeatAcknowledged(
+                    role="client",
+                    client_id=self.client.client_id,
+                    session_id=self.session.session_id,
+                    rtt=pong.rtt,
+                ),
+            )
+
     def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
         now = self._loop.time()
         try:
@@ -134,18 +155,8 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
                 if type(item) is DataFrame:
                     assert self.link is not None
                     self.link.on_frame(item, now)
-                elif type(item) is PongReceived:
-                    if signals.wants(signals.on_heartbeat):
-                        signals.emit(
-                            signals.on_heartbeat,
-                            self.client,
-                            HeartbeatAcknowledged(
-                                role="client",
-                                client_id=self.client.client_id,
-                                session_id=self.session.session_id,
-                                rtt=item.rtt,
-                            ),
-                        )
+                elif type(item) is PongReceived:  # a server that answers PINGs
+                    self._heartbeat_acknowledged(item)
                 elif type(item) is Welcome:
                     self.link = Link(
                         self.client,

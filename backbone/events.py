@@ -208,7 +208,7 @@ class HeartbeatReceived(Event):
 
 
 class HeartbeatAcknowledged(Event):
-    """Client: a pong arrived."""
+    """Client: a PING was answered (the QUIC acknowledgement of its packet, or a PONG)."""
 
     kind: Literal["heartbeat.acknowledged"] = "heartbeat.acknowledged"
     client_id: str

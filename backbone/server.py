@@ -174,12 +174,16 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
         except ProtocolViolation as pv:
             self.violation(pv)
             return
-        if stream_id == HEARTBEAT_STREAM:
+        if stream_id == HEARTBEAT_STREAM and items:  # PINGs
             pongs = session.data_to_send()
             for sid, out in pongs:
                 # with the PING's ACK: one datagram back instead of a PONG and an ACK
                 self.queue(sid, out)
-            if pongs and self.link is not None and signals.wants(signals.on_heartbeat):
+            if not pongs:
+                # the client reads this ACK as the answer to its PING (HELLO "pong":
+                # false): send it with this read batch's transmit, not 1 ms later
+                self.ack_now()
+            if self.link is not None and signals.wants(signals.on_heartbeat):
                 signals.emit(
                     signals.on_heartbeat,
                     self.server,

@@ -5,6 +5,13 @@ Streams (both client-initiated, bidirectional, open for the connection's life):
 
 * stream 0 — HELLO/WELCOME, MESSAGE, RESULT, GOAWAY
 * stream 4 — PING/PONG only, so a large message never delays a heartbeat
+
+Heartbeat acknowledgement: a client whose HELLO says ``"pong": false`` (backbone's own
+client always does) learns that a PING arrived from the QUIC acknowledgement of the
+packet that carried it (the asyncio layer adds a QUIC PING frame with the PING's nonce
+and feeds aioquic's ``PingAcknowledged`` back through
+:meth:`ClientSession.ping_acknowledged`), so the server sends no PONG: one datagram
+each way per heartbeat instead of three (PING, PONG, the client's ACK of the PONG).
 """
 
 from __future__ import annotations
@@ -67,11 +74,16 @@ class Credit:
 
 
 @dataclass(frozen=True, slots=True)
+class PingReceived:
+    nonce: int
+
+
+@dataclass(frozen=True, slots=True)
 class PongReceived:
     rtt: float
 
 
-Incoming = Hello | Welcome | GoAway | PongReceived | Credit | DataFrame
+Incoming = Hello | Welcome | GoAway | PingReceived | PongReceived | Credit | DataFrame
 
 
 def _number(fields: dict[str, Any], name: str, default: float) -> float:
@@ -146,6 +158,7 @@ class ServerSession(_Streams):
         self.peer_max_payload = max_payload
         self.hello_deadline = now + hello_timeout
         self.heartbeat = HeartbeatMonitor(heartbeat_interval, heartbeat_misses, now)
+        self.answer_pings = True  # PONG for every PING, unless the HELLO says otherwise
 
     def receive_stream_data(
         self, stream_id: int, data: bytes, end_stream: bool, now: float
@@ -153,6 +166,7 @@ class ServerSession(_Streams):
         decoder = self._decoder(stream_id, end_stream)
         frames = decoder.feed(data)
         if stream_id == HEARTBEAT_STREAM:
+            pings: list[Incoming] = []
             for ftype, body in frames:
                 if ftype != FrameType.PING:
                     raise ProtocolViolation(
@@ -168,8 +182,11 @@ class ServerSession(_Streams):
                         f"heartbeat interval ({self.heartbeat.interval:g} s)",
                     )
                 self.heartbeat.record(now)
-                self._out.append((HEARTBEAT_STREAM, encode_pong(parse_u64(ftype, body))))
-            return []
+                nonce = parse_u64(ftype, body)
+                if self.answer_pings:
+                    self._out.append((HEARTBEAT_STREAM, encode_pong(nonce)))
+                pings.append(PingReceived(nonce))
+            return pings
         out: list[Incoming] = []
         for ftype, body in frames:
             if ftype in (_MESSAGE, _RESULT):
@@ -216,6 +233,8 @@ class ServerSession(_Streams):
         """Open the session: queue the WELCOME and start the heartbeat clock."""
         self.client_id = hello.client_id
         self.peer_max_payload = hello.max_payload
+        # a client that reads the QUIC acknowledgement of its PINGs needs no PONG
+        self.answer_pings = hello.fields.get("pong") is not False
         self.state = "open"
         self._decoders[MSG_STREAM].max_frame = _max_frame(self.max_payload)
         self.heartbeat.last_heartbeat_at = now
@@ -268,6 +287,7 @@ class ClientSession(_Streams):
         self.peer_max_payload = max_payload
         self.session_id = ""
         self.heartbeat = HeartbeatScheduler(heartbeat_interval, heartbeat_misses, now)
+        self._pings: list[int] = []
         self._out.append(
             (
                 MSG_STREAM,
@@ -278,6 +298,8 @@ class ClientSession(_Streams):
                         "client_id": client_id,
                         "max_payload": max_payload,
                         "heartbeat_interval": heartbeat_interval,
+                        # no PONG: the QUIC acknowledgement of a PING answers it
+                        "pong": False,
                         **({"max_inbound": max_inbound} if max_inbound else {}),
                     },
                 ),
@@ -362,5 +384,20 @@ class ClientSession(_Streams):
                 f"no pong from the server for {now - hb.silent_since():.3f} s",
             )
         if hb.ping_due(now):
-            self._out.append((HEARTBEAT_STREAM, encode_ping(hb.ping_sent(now))))
+            nonce = hb.ping_sent(now)
+            self._out.append((HEARTBEAT_STREAM, encode_ping(nonce)))
+            self._pings.append(nonce)
         return None
+
+    def take_pings(self) -> list[int]:
+        """The nonces of the PINGs queued since the last call: the caller asks its QUIC
+        stack to acknowledge the packet that carries each (aioquic: ``send_ping``)."""
+        pings, self._pings = self._pings, []
+        return pings
+
+    def ping_acknowledged(self, nonce: int, now: float) -> PongReceived | None:
+        """The server's QUIC stack acknowledged the packet that carried PING ``nonce``:
+        as good as a PONG (the server's event loop read it).  None for an unknown or
+        superseded nonce."""
+        rtt = self.heartbeat.pong_received(nonce, now)
+        return None if rtt is None else PongReceived(rtt)

@@ -8,7 +8,9 @@ Roles (stack × side):
 * ``bb-server`` / ``bb-clients``: ``backbone.Server`` / many ``backbone.Client`` on one loop;
 * ``raw-server`` / ``raw-clients``: aioquic alone, the same framing (u32 length, u8 type,
   MESSAGE head ``flags u8, msg id 16 B, headers length u16``, orjson body) on one
-  bidirectional stream, client-driven PING/PONG frames on a second stream, RESULT frames
+  bidirectional stream, client-driven PING frames on a second stream, each answered, as
+  backbone's are, by the QUIC acknowledgement of its packet (a QUIC PING frame rides
+  with it; no PONG), RESULT frames
   for WaitAck — what backbone does on the wire, without backbone;
 * ``ws-server`` / ``ws-clients``: ``websockets`` over TLS (TCP), one binary WebSocket
   message per frame in the same framing, client WebSocket pings at the same interval.
@@ -491,7 +493,7 @@ def _raw_proto_classes() -> tuple[type, type]:
                     return
                 for ftype, body in dec.feed(event.data):
                     if ftype == PING:
-                        self._quic.send_stream_data(HB_STREAM, small_frame(PONG, body))
+                        pass  # answered by the QUIC ACK of its packet, as backbone does
                     elif ftype == HELLO and not self.hello:
                         self.hello = True
                         self.registry.add(self)
@@ -757,6 +759,7 @@ async def raw_clients_main(args: argparse.Namespace) -> None:
                             break
                         nonce += 1
                         proto._quic.send_stream_data(HB_STREAM, small_frame(PING, _U64.pack(nonce)))
+                        proto._quic.send_ping(nonce)  # its ACK is the answer (no PONG)
                         proto.transmit()
                 finally:
                     state["connected"] -= 1

@@ -18,6 +18,7 @@ from backbone.session import (
     MSG_STREAM,
     ClientSession,
     Hello,
+    PingReceived,
     PongReceived,
     ServerSession,
     Welcome,
@@ -70,9 +71,14 @@ def test_default_heartbeat_timing_15s_ping_45s_eviction():
     # first ping at once after WELCOME, then every 15 s
     assert c.get_timer() == 100.0
     assert c.handle_timer(100.0) is None
-    assert pump(c, s, 100.0) == []
-    (pong,) = pump(s, c, 100.001)
+    assert c.take_pings() == [1]  # the caller asks QUIC to acknowledge the PING's packet
+    assert pump(c, s, 100.0) == [PingReceived(1)]
+    assert s.data_to_send() == []  # no PONG: the client said so in its HELLO
+    # the QUIC acknowledgement of the packet answers the PING
+    pong = c.ping_acknowledged(1, 100.001)
     assert isinstance(pong, PongReceived) and pong.rtt == pytest.approx(0.001)
+    assert c.ping_acknowledged(1, 100.002) is None  # once
+    assert c.take_pings() == []
     assert c.get_timer() == 115.0
     assert s.get_timer() == 145.0
     # the client crashes: no more pings; eviction at exactly 100 + 45
@@ -174,3 +180,30 @@ def test_heartbeat_stream_carries_only_pings():
     _c, s = open_pair()
     with pytest.raises(ProtocolViolation, match="heartbeat stream"):
         s.receive_stream_data(HEARTBEAT_STREAM, frame_bytes(FrameType.HELLO), False, 1.0)
+
+
+def test_a_client_that_wants_pongs_gets_them():
+    """A HELLO without ``"pong": false`` (a client that reads PONG frames, not QUIC
+    acknowledgements) gets a PONG for every PING, and a client takes a PONG as an answer
+    as well as an acknowledgement."""
+    s = server(now=0.0)
+    hello = encode_json_frame(
+        FrameType.HELLO, {"version": 1, "client_id": "old-1", "max_payload": 1024}
+    )
+    (h,) = s.receive_stream_data(MSG_STREAM, hello, False, 0.0)
+    s.accept(h, "sess-2", {}, 0.0)
+    s.data_to_send()  # the WELCOME
+    assert s.receive_stream_data(HEARTBEAT_STREAM, encode_ping(7), False, 1.0) == [
+        PingReceived(7)
+    ]
+    ((sid, pong),) = s.data_to_send()
+    assert sid == HEARTBEAT_STREAM and pong[4] == FrameType.PONG
+    # and backbone's client accepts a PONG from such a server
+    c, s2 = open_pair(now=0.0)
+    assert c.handle_timer(0.0) is None
+    (nonce,) = c.take_pings()
+    pump(c, s2, 0.0)
+    s2.answer_pings = True
+    s2.receive_stream_data(HEARTBEAT_STREAM, encode_ping(nonce), False, 0.0)
+    (answer,) = pump(s2, c, 0.002)
+    assert isinstance(answer, PongReceived) and answer.rtt == pytest.approx(0.002)
