@@ -26,6 +26,9 @@ meets ``Backpressure``, and until then what it sends and what the client receive
 the window must start once both run at the same rate (the ``sent/s`` figure printed per
 run shows it).
 
+Before each run the parent waits (up to 30 s) until the machine is quiet: at least 85 %
+of its CPU time idle over half a second.
+
 Exports are real: the parent process runs an OTLP/gRPC receiver (grpcio + the official
 protos) that counts what arrives, and the children get ``OTEL_EXPORTER_OTLP_ENDPOINT``
 pointing at it.  Rounds rotate the order of the configurations; the table shows medians.
@@ -157,6 +160,33 @@ def plugin_health() -> dict[str, Any]:
 
 
 # --- child processes -------------------------------------------------------------------------
+
+
+def _idle_share(window: float = 0.5) -> float:
+    """The share of this machine's CPU time that was idle over ``window`` seconds."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    idle0, total0 = read()
+    time.sleep(window)
+    idle1, total1 = read()
+    return (idle1 - idle0) / max(1, total1 - total0)
+
+
+def settle(limit: float = 30.0, idle: float = 0.85) -> float:
+    """Wait until the machine is quiet (at least ``idle`` of its CPU time idle over half
+    a second), at most ``limit`` seconds; returns the seconds waited.  Between runs: the
+    parent's OTLP receiver can still be working through a tracing run's spans when the
+    next configuration starts, which once made the no-plugin baseline 15 % slow."""
+    if not os.path.exists("/proc/stat"):
+        return 0.0
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit and _idle_share() < idle:
+        pass
+    return time.monotonic() - t0
 
 
 def child_main(role: str, config: str, params: dict[str, Any], conn: Any) -> None:
@@ -764,6 +794,9 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(rounds if "processes" in parts else 0):
             k = rnd % len(configs)
             for config in configs[k:] + configs[:k]:
+                waited = settle()
+                if waited > 1.0:
+                    print(f"(waited {waited:.1f} s for the machine to go quiet)", flush=True)
                 r = run_one(config, params, sink)
                 runs[config].append(r)
                 if "missing" in r:
