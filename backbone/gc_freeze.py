@@ -20,6 +20,11 @@ The cost: an object alive at a freeze that later becomes part of unreachable *cy
 garbage is never reclaimed.  That is why it is the server's ``gc_freeze`` setting,
 on for ``backbone serve`` (the process is backbone's) and off for an embedded
 :class:`~backbone.Server` (the process is the application's); :meth:`stop` undoes it.
+Both are process-wide: ``gc.unfreeze()`` at a server's stop also gives back what the
+application, or another server in the process, froze.  And the collection before each
+freeze covers the young generations only (a full one is the pause this avoids), so
+cyclic garbage already in the oldest generation is frozen with the rest and never
+reclaimed; with backbone's own cycles broken that is little, but it is not nothing.
 """
 
 from __future__ import annotations

@@ -490,7 +490,9 @@ class HistoryPlugin(Plugin):
         self._last_worker: BoundedWorker[Chunk] | None = None
         # recorded, not yet packed (appended by the receiver, taken by _pack)
         self._unpacked: deque[Record] = deque()
-        self._pack_due = False  # a _pack is scheduled on the loop
+        # the loop a _pack is scheduled on (None: none is); a different running loop
+        # schedules its own, so a loop that stopped first cannot leave events unpacked
+        self._pack_due_on: asyncio.AbstractEventLoop | None = None
         self._pack_lock = threading.Lock()  # packs go to the writer in recording order
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
@@ -515,7 +517,7 @@ class HistoryPlugin(Plugin):
     def on_install(self, sender: Any) -> None:
         if self._worker is not None:
             return  # already running for another sender
-        self._pack_due = False  # a pack scheduled on a loop that has since gone
+        self._pack_due_on = None  # a pack scheduled on a loop that has since gone
         self._ensure_schema()
         self._wconn = conn = self._connect()
         self._last_retention = float("-inf")
@@ -545,10 +547,11 @@ class HistoryPlugin(Plugin):
                 self._rconn = None
 
     def _stop_writer(self, timeout: float = 10.0) -> None:
-        self._pack()
-        worker, self._worker = self._worker, None
-        if worker is None:
-            return
+        with self._pack_lock:  # no record is taken after this without a writer
+            worker, self._worker = self._worker, None
+            if worker is None:
+                return
+            self._hand_over(worker)
         deadline = time.monotonic() + timeout
         self._wait_done(worker, timeout)
         worker.close(max(0.1, deadline - time.monotonic()))
@@ -607,40 +610,54 @@ class HistoryPlugin(Plugin):
                     fold(state, event)
                     if len(self._live) > self.max_live:
                         self._forget_disconnected()
-        if self._worker is not None:
+        unpacked = self._unpacked
+        # under the lock: the writer may be stopped from another thread (close()), and a
+        # record must either reach it or not be counted at all
+        with self._pack_lock:
+            if self._worker is None:
+                return
             self._submitted += 1
-            unpacked = self._unpacked
             unpacked.append(fields)
-            if len(unpacked) >= self.batch:
-                self._pack()
-            elif not self._pack_due:
-                try:
-                    asyncio.get_running_loop().call_soon(self._pack)
-                    self._pack_due = True
-                except RuntimeError:  # emitted outside any event loop: the writer packs
-                    self._pack(raw=True)
+        if len(unpacked) >= self.batch:
+            self._pack()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # emitted outside any event loop: the writer packs
+            self._pack(raw=True)
+            return
+        if self._pack_due_on is not loop:
+            loop.call_soon(self._pack)
+            self._pack_due_on = loop
 
     def _pack(self, raw: bool = False) -> None:
         """Pack what was recorded into rows and hand them to the writer (on the loop,
         once per pass; see the module's docstring for why not in the writer).  ``raw``:
         hand the records over as they are, for the writer to pack."""
         with self._pack_lock:
-            self._pack_due = False
-            unpacked = self._unpacked
-            n = len(unpacked)
-            if not n:
-                return
-            records = [unpacked.popleft() for _ in range(n)]
-            worker = self._worker
-            if worker is None:  # the writer stopped meanwhile: they count as done
-                with self._progress:
-                    self._done += n
-                    self._progress.notify_all()
-                return
-            if raw:
-                worker.put((n, [], records))
-            else:
-                worker.put((n, pack_rows(records), []))
+            self._pack_due_on = None
+            self._hand_over(self._worker, raw)
+
+    def _hand_over(self, worker: BoundedWorker[Chunk] | None, raw: bool = False) -> None:
+        """What :meth:`_pack` does, with ``_pack_lock`` held."""
+        unpacked = self._unpacked
+        n = len(unpacked)
+        if not n:
+            return
+        records = [unpacked.popleft() for _ in range(n)]
+        if worker is None:  # not reached: records are only taken while a writer runs
+            with self._progress:
+                self._done += n
+                self._progress.notify_all()
+            return
+        chunk: Chunk = (n, [], records)
+        if not raw:
+            try:
+                chunk = (n, pack_rows(records), [])
+            except Exception:  # e.g. a value orjson cannot serialise: the writer tries
+                # again and, failing, logs and counts the batch; nothing goes unaccounted
+                log.exception("history: packing %d events failed on the loop", n)
+        worker.put(chunk)
 
     def _forget_disconnected(self) -> None:
         """Drop the live views (and heartbeat figures) of disconnected clients, oldest

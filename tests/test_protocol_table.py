@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+import pytest
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 
 from backbone import Message
@@ -43,6 +44,22 @@ def test_retired_and_reassigned_ids_leave_the_index() -> None:
     table.drop(a)  # must not take b's entry with it
     assert dict(table) == {b"y": b}
     assert table.get(b"nope") is None and b"y" in table  # plain dict lookups
+
+
+def test_clear_pop_and_the_unsupported_changes_keep_the_index_true() -> None:
+    a, b = _proto(), _proto()
+    table = ProtocolTable()
+    table[b"a1"] = a
+    table[b"b1"] = b
+    assert table.pop(b"a1") is a and table.ids_of(a) == frozenset()
+    assert table.pop(b"zz", None) is None
+    with pytest.raises(KeyError):
+        table.pop(b"zz")
+    for change in (lambda: table.update({b"c": a}), lambda: table.setdefault(b"c", a)):
+        with pytest.raises(TypeError):
+            change()
+    table.clear()  # aioquic's QuicServer.close()
+    assert dict(table) == {} and table.ids_of(b) == frozenset()
 
 
 async def test_a_closed_client_leaves_nothing_in_the_servers_table(

@@ -680,3 +680,51 @@ async def test_on_an_event_loop_events_are_packed_there_and_the_writer_only_writ
     assert plugin.row_count() <= 30  # packs of at most one loop pass each
     assert plugin.history("c1", limit=None) == emitted
     assert plugin.stats()["dropped"] == 0
+
+
+async def test_packing_that_fails_on_the_loop_is_retried_by_the_writer(installed, monkeypatch):
+    real = history_mod.pack_rows
+    calls: list[int] = []
+
+    def failing_once(records: Any) -> Any:
+        calls.append(threading.get_ident())
+        if len(calls) == 1:
+            raise ValueError("cannot serialise")
+        return real(records)
+
+    monkeypatch.setattr(history_mod, "pack_rows", failing_once)
+    plugin, s = installed()
+    events = [sent("c1", 10.0 + i / 100) for i in range(50)]
+    for e in events:
+        emit(s, e)
+    await asyncio.sleep(0)  # the pass's pack: it fails, the records go over unpacked
+    assert await asyncio.to_thread(plugin.flush, 10)
+    assert calls[0] == threading.get_ident() and calls[1] != threading.get_ident()
+    assert plugin.history("c1", limit=None) == events
+    assert plugin.stats()["failed_batches"] == 0
+
+
+def test_a_pack_left_on_a_loop_that_stopped_does_not_strand_later_events(installed):
+    """The pack scheduled on a loop that stops before running it: the next event, on
+    another loop, schedules its own."""
+    plugin, s = installed()
+    first = asyncio.new_event_loop()
+
+    async def emit_in_the_last_pass() -> None:
+        # the emit runs in the pass that also stops the loop: its pack never runs
+        asyncio.get_running_loop().call_soon(emit, s, sent("c1", 1.0))
+
+    try:
+        first.run_until_complete(emit_in_the_last_pass())
+    finally:
+        first.close()
+    assert len(plugin._unpacked) == 1
+
+    async def later() -> None:
+        emit(s, sent("c1", 2.0))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(later())
+    assert len(plugin._unpacked) == 0
+    assert plugin.flush(10) and plugin.count() == 2
