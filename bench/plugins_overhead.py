@@ -178,9 +178,12 @@ def _idle_share(window: float = 0.5) -> float:
 
 def settle(limit: float = 30.0, idle: float = 0.85) -> float:
     """Wait until the machine is quiet (at least ``idle`` of its CPU time idle over half
-    a second), at most ``limit`` seconds; returns the seconds waited.  Between runs: the
-    parent's OTLP receiver can still be working through a tracing run's spans when the
-    next configuration starts, which once made the no-plugin baseline 15 % slow."""
+    a second), at most ``limit`` seconds; returns the seconds waited.  Between runs, so
+    that nothing left over from the previous configuration (the parent's OTLP receiver
+    busy with a tracing run's spans was the suspect) runs into the next one.  In the
+    first full run with it, it never had to wait, and the no-plugin baseline right
+    after a tracing run was still low (22.1k against 25.7k and 24.8k): that dip's
+    cause is not known."""
     if not os.path.exists("/proc/stat"):
         return 0.0
     t0 = time.monotonic()
