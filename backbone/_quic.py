@@ -92,6 +92,7 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
+from aioquic.quic.recovery import QuicPacketSpace
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch, Group
 from cryptography.hazmat.primitives import serialization
@@ -326,6 +327,10 @@ class QuicEndpoint(QuicConnectionProtocol):
         self.queue(stream_id, data)
         self.transmit()
 
+    def _app_space(self) -> QuicPacketSpace | None:
+        """aioquic's 1-RTT packet space (its ACK state and sent packets), once keys exist."""
+        return self._quic._spaces.get(Epoch.ONE_RTT)
+
     def request_ack(self, uid: int) -> None:
         """Put a QUIC PING frame into the next packet: the peer's acknowledgement of that
         packet comes back as :meth:`ping_acknowledged` ``uid``.  (aioquic resends the
@@ -336,23 +341,22 @@ class QuicEndpoint(QuicConnectionProtocol):
         packets (a server answering heartbeats), nothing else would acknowledge them,
         and aioquic keeps every sent packet until it is acknowledged or declared lost —
         about 600 bytes more on the server per heartbeat of an idle client, for ever."""
-        quic = self._quic
-        quic.send_ping(uid)
-        space = quic._spaces.get(Epoch.ONE_RTT)
+        self._quic.send_ping(uid)
+        space = self._app_space()
         if space is not None and space.ack_at is None and len(space.ack_queue):
             space.ack_at = self._loop.time()
 
     def sent_packets_unacked(self) -> int:
         """Packets sent in the 1-RTT space that the peer has not acknowledged yet (nor
         have they been declared lost): what aioquic keeps per connection."""
-        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        space = self._app_space()
         return 0 if space is None else len(space.sent_packets)
 
     def ack_now(self) -> None:
         """Send the pending acknowledgement with the next transmit instead of
         ``K_GRANULARITY`` later on aioquic's timer: one transmit instead of two when
         nothing else is to be sent (a heartbeat the peer expects no frame for)."""
-        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        space = self._app_space()
         if space is not None and space.ack_at is not None:
             space.ack_at = min(space.ack_at, self._loop.time())
 
@@ -362,7 +366,7 @@ class QuicEndpoint(QuicConnectionProtocol):
         written by then carries the ACK (:meth:`write_now`), one datagram instead of two.
         Called while the packet that brought a message asking for a result is handled;
         RFC 9000 §13.2.1 allows up to the advertised ``max_ack_delay``."""
-        space = self._quic._spaces.get(Epoch.ONE_RTT)
+        space = self._app_space()
         if space is None or space.ack_at is None:
             return
         # aioquic set ack_at to the arrival of the oldest unacknowledged packet + 1 ms

@@ -175,14 +175,12 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
             self.violation(pv)
             return
         if stream_id == HEARTBEAT_STREAM and items:  # PINGs
-            pongs = session.data_to_send()
-            for sid, out in pongs:
-                # with the PING's ACK: one datagram back instead of a PONG and an ACK
+            # the PING's ACK goes with this read batch's transmit, not 1 ms later: with
+            # the PONG (one datagram back instead of two), or alone as the answer a
+            # client reads when its HELLO said "pong": false
+            self.ack_now()
+            for sid, out in session.data_to_send():
                 self.queue(sid, out)
-            if not pongs:
-                # the client reads this ACK as the answer to its PING (HELLO "pong":
-                # false): send it with this read batch's transmit, not 1 ms later
-                self.ack_now()
             if self.link is not None and signals.wants(signals.on_heartbeat):
                 signals.emit(
                     signals.on_heartbeat,

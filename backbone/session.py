@@ -319,9 +319,9 @@ class ClientSession(_Streams):
                         ErrorCode.PROTOCOL_ERROR,
                         f"{FrameType(ftype).name} frame on the heartbeat stream",
                     )
-                rtt = self.heartbeat.pong_received(parse_u64(ftype, body), now)
-                if rtt is not None:
-                    out.append(PongReceived(rtt))
+                pong = self.ping_acknowledged(parse_u64(ftype, body), now)
+                if pong is not None:
+                    out.append(pong)
             return out
         for ftype, body in frames:
             if ftype in (_MESSAGE, _RESULT):

@@ -636,20 +636,17 @@ class HistoryPlugin(Plugin):
         hand the records over as they are, for the writer to pack."""
         with self._pack_lock:
             self._pack_due_on = None
-            self._hand_over(self._worker, raw)
+            # no writer: nothing is recorded then, and _stop_writer handed the rest over
+            if self._worker is not None:
+                self._hand_over(self._worker, raw)
 
-    def _hand_over(self, worker: BoundedWorker[Chunk] | None, raw: bool = False) -> None:
+    def _hand_over(self, worker: BoundedWorker[Chunk], raw: bool = False) -> None:
         """What :meth:`_pack` does, with ``_pack_lock`` held."""
         unpacked = self._unpacked
         n = len(unpacked)
         if not n:
             return
         records = [unpacked.popleft() for _ in range(n)]
-        if worker is None:  # not reached: records are only taken while a writer runs
-            with self._progress:
-                self._done += n
-                self._progress.notify_all()
-            return
         chunk: Chunk = (n, [], records)
         if not raw:
             try:

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Iterator
 
-import pytest
 from aioquic.quic.connection import QuicConnection
 
 from backbone import Message
@@ -17,16 +15,6 @@ from backbone import Message
 
 def _alive(kind: type) -> int:
     return sum(1 for o in gc.get_objects() if type(o) is kind)
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 async def _count_settles(kind: type, expected: int) -> int:

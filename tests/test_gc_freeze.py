@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Iterator
 
-import pytest
 from aioquic.quic.connection import QuicConnection
 
 from backbone import Server
@@ -68,16 +66,6 @@ def test_on_for_serve_off_for_an_embedded_server(certs) -> None:
     server = Server("127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key))
     assert server.config.gc_freeze is False
     assert server._freezer is None
-
-
-@pytest.fixture
-def no_cyclic_gc() -> Iterator[None]:
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
 
 
 def _server_quic(server: Server, client_id: str) -> QuicConnection:

@@ -193,9 +193,7 @@ def test_a_client_that_wants_pongs_gets_them():
     (h,) = s.receive_stream_data(MSG_STREAM, hello, False, 0.0)
     s.accept(h, "sess-2", {}, 0.0)
     s.data_to_send()  # the WELCOME
-    assert s.receive_stream_data(HEARTBEAT_STREAM, encode_ping(7), False, 1.0) == [
-        PingReceived(7)
-    ]
+    assert s.receive_stream_data(HEARTBEAT_STREAM, encode_ping(7), False, 1.0) == [PingReceived(7)]
     ((sid, pong),) = s.data_to_send()
     assert sid == HEARTBEAT_STREAM and pong[4] == FrameType.PONG
     # and backbone's client accepts a PONG from such a server
