@@ -2,8 +2,8 @@
 
 ``HistoryPlugin`` listens to the signals of the kinds it records (never to ``on_event``,
 so events of other kinds are not even built) with one cheap receiver (filter by kind,
-update an in-memory view, ``append`` to a list).  Once per event-loop pass (or every
-``batch`` events) the recorded events are packed into rows (:func:`pack_rows`, which
+update an in-memory view, add to a list).  Every ``pack_delay`` seconds (or every
+``batch`` events) the recorded events are packed into rows (:func:`rows_of`, which
 also serialises them) on the emitting thread, and the rows go to a
 :class:`~backbone.plugins.BoundedWorker` thread that only runs SQLite: one transaction
 per batch through its own connection (WAL mode, ``busy_timeout``), and retention
@@ -39,14 +39,14 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import operator
 import sqlite3
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import orjson
 from blinker import NamedSignal
@@ -212,7 +212,7 @@ def record_of(event: Event) -> Record:
 #: what goes to the writer thread: ``(n, rows, records)``, ``n`` events either packed
 #: and serialised into ``rows`` (on the event loop) or, if recorded outside any event
 #: loop, as ``records`` that the writer packs itself
-Chunk = tuple[int, "list[Row]", "list[Record]"]
+Chunk = tuple[int, "list[Row]", "list[Item]"]
 
 
 def _events_in(chunk: Chunk) -> int:
@@ -225,13 +225,57 @@ def parse_event(data: str | bytes) -> Event:
 
 
 def parse_row(data: str | bytes, n: int) -> list[Event]:
-    """The events of one row: one event (``n == 1``) or a pack's array."""
+    """The events of one row: one event (``n == 1``), or a pack: its columns (see
+    :func:`pack_columns`) or, as packs of mixed kinds and older rows hold them, an
+    array of the events."""
     if n == 1:
         return [_ADAPTER.validate_json(data)]
-    return [_ADAPTER.validate_python(item) for item in orjson.loads(data)]
+    packed = orjson.loads(data)
+    if isinstance(packed, dict):
+        packed = unpack_columns(packed)
+    return [_ADAPTER.validate_python(item) for item in packed]
 
 
-Row = tuple[float, str, str, "str | None", "str | None", "str | None", str, int, "float | None"]
+_KIND = operator.itemgetter("kind")
+_AT = operator.itemgetter("at")
+
+
+def pack_columns(run: Sequence[Record]) -> dict[str, Any]:
+    """Records of ONE kind (so with the same fields) as columns: ``{"same": {field:
+    value}, "cols": {field: [value, ...]}}``, a field whose value is the same in every
+    record stored once.  For a run of one client's sends that is the kind, the role,
+    the client and the flags once, and per message only what differs (``seq``, ``at``,
+    ``msg_id``, ...): about a third of the bytes of an array of the events, so a third
+    of what the writer hands to SQLite."""
+    n = len(run)
+    same: dict[str, Any] = {}
+    cols: dict[str, list[Any]] = {}
+    for name in run[0]:  # one kind, one class: every record has the same fields
+        col = list(map(operator.itemgetter(name), run))
+        first = col[0]
+        # count() compares with ==: the values of one field of one kind share a type
+        if col.count(first) == n and first == first:  # NaN: not the same
+            same[name] = first
+        else:
+            cols[name] = col
+    return {"same": same, "cols": cols}
+
+
+def unpack_columns(packed: dict[str, Any]) -> list[Record]:
+    """:func:`pack_columns`, undone."""
+    same: dict[str, Any] = packed["same"]
+    cols: dict[str, list[Any]] = packed["cols"]
+    names = list(cols)
+    out: list[Record] = []
+    for values in zip(*cols.values(), strict=True):
+        record = dict(same)
+        record.update(zip(names, values, strict=True))
+        out.append(record)
+    return out
+
+
+#: ``data`` is the UTF-8 JSON as bytes (stored as a BLOB: no decode per row)
+Row = tuple[float, str, str, "str | None", "str | None", "str | None", bytes, int, "float | None"]
 
 
 def pack_rows(records: Iterable[Record]) -> list[Row]:
@@ -240,61 +284,102 @@ def pack_rows(records: Iterable[Record]) -> list[Row]:
 
     Consecutive records of :data:`PACKED_KINDS` for one ``(client_id, role)`` become one
     row, a *pack*, while they span at most :data:`PACK_SPAN` seconds and number at most
-    :data:`PACK_MAX`: its ``data`` is a JSON array, ``n`` their number, ``at`` and
-    ``at_last`` the first and the latest time, ``kind`` theirs if they share one (else
-    :data:`MIXED`), ``msg_id`` NULL.  Any other record of that client and role ends the
-    open pack first, so the rows of one client and role, in row order, hold its events
-    in the order given.  A pack costs SQLite one row and one index entry instead of one
-    per message.
+    :data:`PACK_MAX`: its ``data`` holds their fields (:func:`pack_columns` if they share
+    one kind, else a JSON array), ``n`` their number, ``at`` and ``at_last`` the first and
+    the latest time, ``kind`` theirs if they share one (else :data:`MIXED`), ``msg_id``
+    NULL.  Any other record of that client and role ends the open pack first, so the
+    rows of one client and role, in row order, hold its events in the order given.  A
+    pack costs SQLite one row and one index entry instead of one per message.
     """
-    rows: list[Row] = []
-    open_: dict[tuple[str, str], list[Record]] = {}
-
-    def close(key: tuple[str, str]) -> None:
-        run = open_.pop(key)
-        first = run[0]
-        if len(run) == 1:
-            rows.append(_single(first))
-            return
-        kind = first["kind"]
-        if any(r["kind"] != kind for r in run):
-            kind = MIXED
-        rows.append(
-            (
-                first["at"],
-                kind,
-                first["role"],
-                key[0],
-                first.get("session_id"),
-                None,
-                _json(run).decode(),
-                len(run),
-                max(r["at"] for r in run),
-            )
-        )
-
+    items: list[Item] = []
+    runs: dict[tuple[str, str], list[Record]] = {}
     for r in records:
-        cid = r.get("client_id")
-        if cid is None:
-            rows.append(_single(r))
+        add_item(items, runs, r, r["kind"] in PACKED_KINDS)
+    return rows_of(items)
+
+
+#: what is recorded and not yet packed: a record, or a *run* (a list of the consecutive
+#: per-message records of one client and role, in order), each at the place of its first
+Item: TypeAlias = "Record | list[Record]"
+
+
+def add_item(
+    items: list[Item], runs: dict[tuple[str, str], list[Record]], r: Record, packed: bool
+) -> None:
+    """Add ``r`` to ``items``: to its client and role's open run if ``packed`` (opening
+    one if there is none), else on its own, ending that open run.  ``runs`` holds the
+    open runs by ``(client_id, role)``."""
+    cid = r.get("client_id")
+    if cid is None:
+        items.append(r)
+        return
+    key = (cid, r["role"])
+    if packed:
+        run = runs.get(key)
+        if run is None:
+            runs[key] = run = []
+            items.append(run)
+        run.append(r)
+        return
+    if runs:
+        runs.pop(key, None)
+    items.append(r)
+
+
+def rows_of(items: Iterable[Item]) -> list[Row]:
+    """The rows of :func:`add_item`'s ``items``: a run becomes packs of at most
+    :data:`PACK_MAX` records spanning at most :data:`PACK_SPAN` seconds."""
+    rows: list[Row] = []
+    for item in items:
+        if type(item) is not list:
+            rows.append(_single(item))  # type: ignore[arg-type]
             continue
-        key = (cid, r["role"])
-        run = open_.get(key)
-        if r["kind"] in PACKED_KINDS:
-            if run is not None and (len(run) >= PACK_MAX or r["at"] - run[0]["at"] > PACK_SPAN):
-                close(key)
-                run = None
-            if run is None:
-                open_[key] = [r]
-            else:
-                run.append(r)
+        first_at = item[0]["at"]
+        if len(item) <= PACK_MAX and max(map(_AT, item)) - first_at <= PACK_SPAN:
+            rows.append(_pack(item))
             continue
-        if run is not None:
-            close(key)
-        rows.append(_single(r))
-    for key in list(open_):
-        close(key)
+        start = 0
+        for i, r in enumerate(item):
+            if i - start >= PACK_MAX or r["at"] - first_at > PACK_SPAN:
+                rows.append(_pack(item[start:i]))
+                start, first_at = i, r["at"]
+        rows.append(_pack(item[start:]))
     return rows
+
+
+def _pack(run: list[Record]) -> Row:
+    first = run[0]
+    n = len(run)
+    if n == 1:
+        return _single(first)
+    kind = first["kind"]
+    if list(map(_KIND, run)).count(kind) == n:
+        data = _json(pack_columns(run))
+    else:
+        kind = MIXED
+        data = _json(run)
+    return (
+        first["at"],
+        kind,
+        first["role"],
+        first["client_id"],
+        first.get("session_id"),
+        None,
+        data,
+        n,
+        max(map(_AT, run)),
+    )
+
+
+def _flat(items: Iterable[Item]) -> list[Record]:
+    """The records of ``items`` (each client and role's in their order)."""
+    out: list[Record] = []
+    for item in items:
+        if type(item) is list:
+            out.extend(item)
+        else:
+            out.append(item)  # type: ignore[arg-type]
+    return out
 
 
 def _newest_first(item: tuple[float, int, int, Event]) -> tuple[float, int, int]:
@@ -309,7 +394,7 @@ def _single(r: Record) -> Row:
         r.get("client_id"),
         r.get("session_id"),
         r.get("msg_id"),
-        _json(r).decode(),
+        _json(r),
         1,
         None,
     )
@@ -443,7 +528,12 @@ class HistoryPlugin(Plugin):
     retention runs at most every ``retention_every`` seconds (``0``: after each batch);
     past ``max_live`` live views, those of disconnected clients are forgotten;
     ``kinds`` are the event kinds stored one row per event (default
-    :data:`DEFAULT_KINDS`; exact kinds or ``"prefix.*"``, from :data:`RECORDED_KINDS`).
+    :data:`DEFAULT_KINDS`; exact kinds or ``"prefix.*"``, from :data:`RECORDED_KINDS`);
+    what is recorded on an event loop is packed and handed to the writer ``pack_delay``
+    seconds after the first event (``0``: at the end of that loop pass).  A longer
+    delay makes longer packs (fewer, smaller rows) and costs the loop less per event:
+    handing over every pass cost about a third of the throughput of one busy
+    connection (``docs/benchmarks.md``).
     """
 
     name = "history"
@@ -462,6 +552,7 @@ class HistoryPlugin(Plugin):
         busy_timeout: float = 30.0,
         max_live: int = 100_000,
         kinds: Iterable[str] | None = None,
+        pack_delay: float = 0.05,
     ) -> None:
         super().__init__()
         if kinds is None:
@@ -475,6 +566,8 @@ class HistoryPlugin(Plugin):
                 raise ValueError(f"history cannot record {sorted(unknown)}")
         if max_rows is not None and max_rows < 1:
             raise ValueError("max_rows must be at least 1 (or None)")
+        if not pack_delay >= 0:
+            raise ValueError("pack_delay must be at least 0")
         self._per_message = self.kinds & PACKED_KINDS
         self.path = str(path)
         self.max_age = max_age
@@ -486,10 +579,14 @@ class HistoryPlugin(Plugin):
         self.retention_every = retention_every
         self.busy_timeout = busy_timeout
         self.max_live = max_live
+        self.pack_delay = pack_delay
         self._worker: BoundedWorker[Chunk] | None = None
         self._last_worker: BoundedWorker[Chunk] | None = None
-        # recorded, not yet packed (appended by the receiver, taken by _pack)
-        self._unpacked: deque[Record] = deque()
+        # recorded, not yet packed (added by the receiver, taken by _pack): the items,
+        # the open run of each client and role among them, how many records they hold
+        self._unpacked: list[Item] = []
+        self._runs: dict[tuple[str, str], list[Record]] = {}
+        self._unpacked_n = 0
         # the loop a _pack is scheduled on (None: none is); a different running loop
         # schedules its own, so a loop that stopped first cannot leave events unpacked
         self._pack_due_on: asyncio.AbstractEventLoop | None = None
@@ -610,15 +707,15 @@ class HistoryPlugin(Plugin):
                     fold(state, event)
                     if len(self._live) > self.max_live:
                         self._forget_disconnected()
-        unpacked = self._unpacked
         # under the lock: the writer may be stopped from another thread (close()), and a
         # record must either reach it or not be counted at all
         with self._pack_lock:
             if self._worker is None:
                 return
             self._submitted += 1
-            unpacked.append(fields)
-        if len(unpacked) >= self.batch:
+            self._unpacked_n += 1
+            add_item(self._unpacked, self._runs, fields, event.kind in PACKED_KINDS)
+        if self._unpacked_n >= self.batch:
             self._pack()
             return
         try:
@@ -627,7 +724,10 @@ class HistoryPlugin(Plugin):
             self._pack(raw=True)
             return
         if self._pack_due_on is not loop:
-            loop.call_soon(self._pack)
+            if self.pack_delay > 0:
+                loop.call_later(self.pack_delay, self._pack)
+            else:  # at the end of this loop pass
+                loop.call_soon(self._pack)
             self._pack_due_on = loop
 
     def _pack(self, raw: bool = False) -> None:
@@ -642,15 +742,15 @@ class HistoryPlugin(Plugin):
 
     def _hand_over(self, worker: BoundedWorker[Chunk], raw: bool = False) -> None:
         """What :meth:`_pack` does, with ``_pack_lock`` held."""
-        unpacked = self._unpacked
-        n = len(unpacked)
+        n = self._unpacked_n
         if not n:
             return
-        records = [unpacked.popleft() for _ in range(n)]
-        chunk: Chunk = (n, [], records)
+        items = self._unpacked
+        self._unpacked, self._runs, self._unpacked_n = [], {}, 0
+        chunk: Chunk = (n, [], items)
         if not raw:
             try:
-                chunk = (n, pack_rows(records), [])
+                chunk = (n, rows_of(items), [])
             except Exception:  # e.g. a value orjson cannot serialise: the writer tries
                 # again and, failing, logs and counts the batch; nothing goes unaccounted
                 log.exception("history: packing %d events failed on the loop", n)
@@ -675,7 +775,7 @@ class HistoryPlugin(Plugin):
             for n, packed, records in chunks:
                 events += n
                 if records:
-                    raw.extend(records)
+                    raw.extend(_flat(records))
                     continue
                 if raw:
                     rows.extend(pack_rows(raw))

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 import plugins.history as history_mod
@@ -292,6 +293,61 @@ def test_pack_rows_keep_each_clients_order_and_bounds():
     assert [r[7] for r in packs] == [PACK_MAX, 7]
     singles = [r for r in rows if r[7] == 1]
     assert all(parse_row(r[6], 1)[0].at == r[0] and r[8] is None for r in singles)
+
+
+def test_a_pack_of_one_kind_stores_what_its_events_share_once():
+    events = [sent("c1", 1.0 + i / 1000) for i in range(50)]
+    odd = MessageSent(
+        role="server",
+        msg_id=MSG,
+        client_id="c1",
+        size=7,
+        wait_ack=False,
+        broadcast=False,
+        headers={"traceparent": "00-x"},
+        at=1.9,
+    )
+    events.append(odd)  # a field that differs in one event only
+    (row,) = pack_rows([record_of(e) for e in events])
+    assert row[1] == "message.sent" and row[7] == len(events)
+    packed = orjson.loads(row[6])
+    assert set(packed) == {"same", "cols"}
+    assert packed["same"]["kind"] == "message.sent" and packed["same"]["client_id"] == "c1"
+    assert {"seq", "at", "size", "headers"} <= set(packed["cols"])
+    assert "kind" not in packed["cols"] and "role" not in packed["cols"]
+    assert parse_row(row[6], row[7]) == events
+    # a third of the bytes of the same events as an array
+    assert len(row[6]) * 2 < len(orjson.dumps([record_of(e) for e in events]))
+
+
+def test_rows_written_as_an_array_of_events_still_read_back():
+    """Packs were arrays of the events before columns: such rows read back alike."""
+    events = [sent("c1", 1.0 + i / 1000) for i in range(5)]
+    assert parse_row(orjson.dumps([record_of(e) for e in events]), 5) == events
+
+
+def test_pack_columns_keeps_nan_and_unequal_values_apart():
+    from plugins.history import pack_columns, unpack_columns
+
+    run = [{"kind": "k", "x": float("nan"), "y": 1}, {"kind": "k", "x": float("nan"), "y": 1}]
+    packed = pack_columns(run)
+    assert packed["same"] == {"kind": "k", "y": 1} and "x" in packed["cols"]
+    back = unpack_columns(packed)
+    assert [r["y"] for r in back] == [1, 1] and all(r["x"] != r["x"] for r in back)
+
+
+async def test_events_of_many_loop_passes_within_pack_delay_are_one_pack(installed):
+    plugin, s = installed(pack_delay=60.0)  # only flush() or a full batch hands over
+    events = [sent("c1", 1.0 + i / 1000) for i in range(300)]
+    for i, e in enumerate(events):
+        emit(s, e)
+        if i % 10 == 9:
+            await asyncio.sleep(0)
+    assert plugin._unpacked_n == 300  # nothing handed over in 30 passes
+    assert await asyncio.to_thread(plugin.flush, 10)
+    assert plugin.row_count() == 1 and plugin.history("c1", limit=None) == events
+    with pytest.raises(ValueError, match="pack_delay"):
+        HistoryPlugin(plugin.path, pack_delay=-1)
 
 
 def test_a_flood_of_messages_takes_few_rows_and_reads_back_exactly(installed):
@@ -656,17 +712,17 @@ async def test_on_an_event_loop_events_are_packed_there_and_the_writer_only_writ
     installed, monkeypatch
 ):
     """Packing and serialising hold the GIL; SQLite does not.  Events recorded on a loop
-    are packed on that loop's thread once per pass, so the writer thread runs no Python
-    work that would keep the loop waiting for the GIL."""
-    real = history_mod.pack_rows
+    are packed on that loop's thread (here once per pass: ``pack_delay=0``), so the
+    writer thread runs no Python work that would keep the loop waiting for the GIL."""
+    real = history_mod.rows_of
     packed_on: set[int] = set()
 
     def recording(records: Any) -> Any:
         packed_on.add(threading.get_ident())
         return real(records)
 
-    monkeypatch.setattr(history_mod, "pack_rows", recording)
-    plugin, s = installed(batch=1000)
+    monkeypatch.setattr(history_mod, "rows_of", recording)
+    plugin, s = installed(batch=1000, pack_delay=0)
     emitted: list[Event] = []
     for i in range(2500):
         e: Event = sent("c1", 1000.0 + i / 1000) if i % 3 else ack("c1", 1000.0 + i / 1000)
@@ -683,7 +739,7 @@ async def test_on_an_event_loop_events_are_packed_there_and_the_writer_only_writ
 
 
 async def test_packing_that_fails_on_the_loop_is_retried_by_the_writer(installed, monkeypatch):
-    real = history_mod.pack_rows
+    real = history_mod.rows_of
     calls: list[int] = []
 
     def failing_once(records: Any) -> Any:
@@ -692,8 +748,8 @@ async def test_packing_that_fails_on_the_loop_is_retried_by_the_writer(installed
             raise ValueError("cannot serialise")
         return real(records)
 
-    monkeypatch.setattr(history_mod, "pack_rows", failing_once)
-    plugin, s = installed()
+    monkeypatch.setattr(history_mod, "rows_of", failing_once)
+    plugin, s = installed(pack_delay=0)
     events = [sent("c1", 10.0 + i / 100) for i in range(50)]
     for e in events:
         emit(s, e)
@@ -707,7 +763,7 @@ async def test_packing_that_fails_on_the_loop_is_retried_by_the_writer(installed
 def test_a_pack_left_on_a_loop_that_stopped_does_not_strand_later_events(installed):
     """The pack scheduled on a loop that stops before running it: the next event, on
     another loop, schedules its own."""
-    plugin, s = installed()
+    plugin, s = installed(pack_delay=0)
     first = asyncio.new_event_loop()
 
     async def emit_in_the_last_pass() -> None:
