@@ -226,23 +226,23 @@ class PendingOwner:
         """Done once every frame queued so far has been handed to QUIC."""
         return self.flusher().wait_flushed()
 
-    async def _send_on(
+    def _queue_message(
         self,
         link: Link | None,
         client_id: str,
-        not_connected: Callable[[], BackboneError],
         payload: Any,
         wait_ack: bool,
         timeout: float | None,
         headers: dict[str, str] | None,
-    ) -> Any:
-        """One message on one link (``None``: not connected): the MsgID without
-        ``wait_ack``, else the peer's result.  A refusal is raised at once and reported
-        as ``send.rejected``."""
+    ) -> tuple[bytes, asyncio.Future[Any] | None]:
+        """Queue one message on one link (``None``: not connected): its MsgID and, with
+        ``wait_ack``, the future of the peer's result.  A refusal is raised at once and
+        reported as ``send.rejected``.  Not a coroutine: ``send_to`` and ``send`` await
+        only the result, so a one-way send costs one coroutine, not two."""
         msg_id: bytes | None = None
         try:
             if link is None or link.closed:
-                raise not_connected()
+                raise self._not_connected(client_id)
             flags, body = encode_payload(payload)
             link.check_payload(len(body))
             if wait_ack:
@@ -262,9 +262,10 @@ class PendingOwner:
         except BackboneError as exc:
             self._rejected(client_id, exc, msg_id)
             raise
-        if fut is None:
-            return msg_id.hex()
-        return await self._await_result(link.session_id, msg_id, fut)
+        return msg_id, fut
+
+    def _not_connected(self, client_id: str) -> BackboneError:
+        raise NotImplementedError
 
     def _rejected(self, client_id: str, exc: BackboneError, msg_id: bytes | None) -> None:
         self.figures.rejected += 1
@@ -724,7 +725,10 @@ class Link:
             self._queue(encode_credit(self.processed))
 
     async def _work(self) -> None:
+        """The handler worker: one message at a time, in order.  The handler is awaited
+        here, not in a coroutine per message (that cost about a microsecond each)."""
         inbox = self._inbox
+        owner = self.owner
         while True:
             if not inbox:
                 self._wakeup = self._loop.create_future()
@@ -732,51 +736,56 @@ class Link:
                 self._wakeup = None
                 continue
             msg = inbox.popleft()
+            handler = owner._handler
+            started_wall = time.time()
+            started = time.perf_counter()
+            error: tuple[str, str] | None = None
+            result: Any = None
+            if handler is None:
+                error = ("NoHandler", f"no handler is registered on {self.role} {self.client_id!r}")
+            else:
+                try:
+                    if owner._handler_is_async:
+                        result = await handler(msg)
+                    else:
+                        if self.config.sync_handler_in_thread:
+                            result = await self._loop.run_in_executor(None, handler, msg)
+                        else:
+                            result = handler(msg)
+                        if hasattr(result, "__await__"):  # a sync callable returned an awaitable
+                            result = await _as_awaitable(result)
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if self.closed or (task is not None and task.cancelling()):
+                        raise  # we are being shut down
+                    # the handler cancelled something of its own: its failure, not ours
+                    error = ("CancelledError", "the handler was cancelled")
+                except Exception as exc:
+                    error = (type(exc).__name__, str(exc))
+                    if not msg.wait_ack:
+                        log.warning(
+                            "handler raised %s on message %s from %r (no result was asked for)",
+                            error[0],
+                            msg.msg_id,
+                            self.client_id,
+                            exc_info=True,
+                        )
             try:
-                await self._process(msg)
-            except asyncio.CancelledError:
-                raise
+                self._handled(msg, result, error, started_wall, time.perf_counter() - started)
             except Exception:  # never let one message kill the handler worker
                 log.exception("internal error while handling message %s", msg.msg_id)
             if not self.closed:
                 self._credit()
 
-    async def _process(self, msg: Message) -> None:
-        handler = self.owner._handler
-        started_wall = time.time()
-        started = time.perf_counter()
-        error: tuple[str, str] | None = None
-        result: Any = None
-        if handler is None:
-            error = ("NoHandler", f"no handler is registered on {self.role} {self.client_id!r}")
-        else:
-            try:
-                if self.owner._handler_is_async:
-                    result = await handler(msg)
-                else:
-                    if self.config.sync_handler_in_thread:
-                        result = await self._loop.run_in_executor(None, handler, msg)
-                    else:
-                        result = handler(msg)
-                    if hasattr(result, "__await__"):  # a sync callable returned an awaitable
-                        result = await _as_awaitable(result)
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if self.closed or (task is not None and task.cancelling()):
-                    raise  # we are being shut down
-                # the handler cancelled something of its own: that is its failure, not ours
-                error = ("CancelledError", "the handler was cancelled")
-            except Exception as exc:
-                error = (type(exc).__name__, str(exc))
-                if not msg.wait_ack:
-                    log.warning(
-                        "handler raised %s on message %s from %r (no result was asked for)",
-                        error[0],
-                        msg.msg_id,
-                        self.client_id,
-                        exc_info=True,
-                    )
-        elapsed = time.perf_counter() - started
+    def _handled(
+        self,
+        msg: Message,
+        result: Any,
+        error: tuple[str, str] | None,
+        started_wall: float,
+        elapsed: float,
+    ) -> None:
+        """After the handler: count, report, and answer a WaitAck message."""
         self.processed += 1
         if signals.wants(signals.on_message_processed):
             signals.emit(

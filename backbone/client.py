@@ -24,6 +24,7 @@ from ._quic import (
 from .backoff import Backoff
 from .config import ClientConfig
 from .errors import (
+    BackboneError,
     ErrorCode,
     NotConnected,
     ProtocolViolation,
@@ -585,12 +586,11 @@ class Client(HandlerOwner, PendingOwner):
         handler's result (or ``AckTimeout`` / ``ServerGone`` / ``RemoteError``)."""
         conn = self._conn
         link = conn.link if conn is not None and self._state is ClientState.CONNECTED else None
-        return await self._send_on(
-            link,
-            self.client_id,
-            lambda: NotConnected(f"client {self.client_id!r} is not connected to the server"),
-            payload,
-            wait_ack,
-            timeout,
-            headers,
-        )
+        msg_id, fut = self._queue_message(link, self.client_id, payload, wait_ack, timeout, headers)
+        if fut is None:
+            return msg_id.hex()
+        assert link is not None  # a future means the message was queued on it
+        return await self._await_result(link.session_id, msg_id, fut)
+
+    def _not_connected(self, client_id: str) -> BackboneError:
+        return NotConnected(f"client {client_id!r} is not connected to the server")

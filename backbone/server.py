@@ -686,15 +686,15 @@ class Server(HandlerOwner, PendingOwner):
         ``ClientGone`` or ``RemoteError``.  Raises ``ClientNotConnected``,
         ``PayloadTooLarge``, ``Backpressure`` or ``TooManyPending`` at once."""
         conn = self._sessions.get(client_id)
-        return await self._send_on(
-            conn.link if conn is not None else None,
-            client_id,
-            lambda: ClientNotConnected(client_id),
-            payload,
-            wait_ack,
-            timeout,
-            headers,
-        )
+        link = conn.link if conn is not None else None
+        msg_id, fut = self._queue_message(link, client_id, payload, wait_ack, timeout, headers)
+        if fut is None:
+            return msg_id.hex()
+        assert link is not None  # a future means the message was queued on it
+        return await self._await_result(link.session_id, msg_id, fut)
+
+    def _not_connected(self, client_id: str) -> BackboneError:
+        return ClientNotConnected(client_id)
 
     async def broadcast(
         self,
