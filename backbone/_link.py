@@ -627,7 +627,10 @@ class Link:
         if wait_ack:
             # the RESULT is due soon: let it carry the ACK of this message
             self.endpoint.hold_ack()
-        msg = Message(df.msg_id.hex(), self.client_id, payload, wait_ack, time.time(), df.headers)
+        # tuple.__new__: a NamedTuple's own __new__ is a Python function (about 0.4 µs)
+        msg = _new_message(
+            Message, (df.msg_id.hex(), self.client_id, payload, wait_ack, time.time(), df.headers)
+        )
         self.messages_received += 1
         self._figures.messages_in += 1
         if signals.wants(signals.on_message_received):
@@ -860,6 +863,9 @@ class Link:
         this link — a reference cycle the garbage collector would have to find."""
         self.shutdown()
         self._worker = None
+
+
+_new_message = tuple.__new__
 
 
 async def _as_awaitable(value: Awaitable[Any]) -> Any:
