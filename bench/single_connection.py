@@ -999,7 +999,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--duration", type=float, help="measured seconds (default 4, quick 0.5)")
     ap.add_argument("--warmup", type=float, help="warm-up seconds (default 1, quick 0.3)")
-    ap.add_argument("--rounds", type=int, help="rounds, rotating the stacks (default 3)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        # the one-way rate is bimodal on a shared machine: a median of 3 can land on the
+        # slow mode (0.69 against 0.85 with 5 rounds, 2026-11-28)
+        help="rounds, rotating the stacks (default 5)",
+    )
     ap.add_argument("--batch", type=int, default=64, help="one-way messages per loop pass")
     ap.add_argument(
         "--outbound-limit",
@@ -1022,7 +1028,7 @@ def main(argv: list[str] | None = None) -> int:
 
     duration = args.duration or (0.5 if args.quick else 4.0)
     warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
-    rounds = args.rounds or (1 if args.quick or args.profile else 3)
+    rounds = args.rounds or (1 if args.quick or args.profile else 5)
     scenarios = [s for s in args.scenarios.split(",") if s]
     stacks = [s for s in args.stacks.split(",") if s]
     for s in scenarios:
