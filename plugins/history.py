@@ -73,7 +73,9 @@ from backbone.plugins import BoundedWorker, Plugin, Receiver
 
 log = logging.getLogger("backbone.plugins.history")
 
-SCHEMA_VERSION: Final = 2
+#: 3: packs of one kind may hold columns (:func:`pack_columns`), which schema-2 code
+#: cannot read; the table is the same, so a schema-2 file is taken over as it is
+SCHEMA_VERSION: Final = 3
 
 #: the per-message kinds: a run of them for one client (and role) within one writer batch
 #: is stored as one row, a *pack* (see :func:`pack_rows`)
@@ -232,7 +234,7 @@ def parse_row(data: str | bytes, n: int) -> list[Event]:
         return [_ADAPTER.validate_json(data)]
     packed = orjson.loads(data)
     if isinstance(packed, dict):
-        packed = unpack_columns(packed)
+        packed = unpack_columns(packed, n)
     return [_ADAPTER.validate_python(item) for item in packed]
 
 
@@ -242,29 +244,36 @@ _AT = operator.itemgetter("at")
 
 def pack_columns(run: Sequence[Record]) -> dict[str, Any]:
     """Records of ONE kind (so with the same fields) as columns: ``{"same": {field:
-    value}, "cols": {field: [value, ...]}}``, a field whose value is the same in every
-    record stored once.  For a run of one client's sends that is the kind, the role,
-    the client and the flags once, and per message only what differs (``seq``, ``at``,
-    ``msg_id``, ...): about a third of the bytes of an array of the events, so a third
-    of what the writer hands to SQLite."""
+    value}, "cols": {field: [value, ...]}}``, a field whose value is the same (equal and
+    of one type) in every record stored once.  For a run of one client's sends that is
+    the kind, the role, the client and the flags once, and per message only what
+    differs (``seq``, ``at``, ``msg_id``, ...): about a third of the bytes of an array of
+    the events, so a third of what the writer hands to SQLite.  Raises ``ValueError``
+    (or ``KeyError``) if the records do not share their fields."""
     n = len(run)
+    first_record = run[0]
+    if len(set(map(len, run))) != 1:
+        raise ValueError("records of one pack differ in their fields")
     same: dict[str, Any] = {}
     cols: dict[str, list[Any]] = {}
-    for name in run[0]:  # one kind, one class: every record has the same fields
-        col = list(map(operator.itemgetter(name), run))
+    for name in first_record:
+        col = list(map(operator.itemgetter(name), run))  # KeyError: a field is missing
         first = col[0]
-        # count() compares with ==: the values of one field of one kind share a type
-        if col.count(first) == n and first == first:  # NaN: not the same
+        # equal (count() uses ==; NaN is never the same) and of one type (1 == True == 1.0)
+        if col.count(first) == n and first == first and len(set(map(type, col))) == 1:
             same[name] = first
         else:
             cols[name] = col
     return {"same": same, "cols": cols}
 
 
-def unpack_columns(packed: dict[str, Any]) -> list[Record]:
-    """:func:`pack_columns`, undone."""
+def unpack_columns(packed: dict[str, Any], n: int) -> list[Record]:
+    """:func:`pack_columns`, undone (``n``: how many records; every field may be the
+    same in all of them)."""
     same: dict[str, Any] = packed["same"]
     cols: dict[str, list[Any]] = packed["cols"]
+    if not cols:
+        return [dict(same) for _ in range(n)]
     names = list(cols)
     out: list[Record] = []
     for values in zip(*cols.values(), strict=True):
@@ -274,8 +283,7 @@ def unpack_columns(packed: dict[str, Any]) -> list[Record]:
     return out
 
 
-#: ``data`` is the UTF-8 JSON as bytes (stored as a BLOB: no decode per row)
-Row = tuple[float, str, str, "str | None", "str | None", "str | None", bytes, int, "float | None"]
+Row = tuple[float, str, str, "str | None", "str | None", "str | None", str, int, "float | None"]
 
 
 def pack_rows(records: Iterable[Record]) -> list[Row]:
@@ -353,11 +361,16 @@ def _pack(run: list[Record]) -> Row:
     if n == 1:
         return _single(first)
     kind = first["kind"]
+    data: str | None = None
     if list(map(_KIND, run)).count(kind) == n:
-        data = _json(pack_columns(run))
+        try:
+            data = _json(pack_columns(run)).decode()
+        except Exception:  # fields that do not line up, an __eq__ that raises: an array
+            data = None
     else:
         kind = MIXED
-        data = _json(run)
+    if data is None:
+        data = _json(run).decode()
     return (
         first["at"],
         kind,
@@ -394,7 +407,7 @@ def _single(r: Record) -> Row:
         r.get("client_id"),
         r.get("session_id"),
         r.get("msg_id"),
-        _json(r),
+        _json(r).decode(),
         1,
         None,
     )
@@ -725,17 +738,24 @@ class HistoryPlugin(Plugin):
             return
         if self._pack_due_on is not loop:
             if self.pack_delay > 0:
-                loop.call_later(self.pack_delay, self._pack)
+                loop.call_later(self.pack_delay, self._pack_when_due)
             else:  # at the end of this loop pass
-                loop.call_soon(self._pack)
+                loop.call_soon(self._pack_when_due)
             self._pack_due_on = loop
+
+    def _pack_when_due(self) -> None:
+        """The scheduled pack.  Only this clears ``_pack_due_on``: a pack that a full
+        batch or flush() made early leaves the timer to run, and no second one is
+        scheduled meanwhile (each would have split the packs again)."""
+        self._pack_due_on = None
+        self._pack()
 
     def _pack(self, raw: bool = False) -> None:
         """Pack what was recorded into rows and hand them to the writer (on the loop,
-        once per pass; see the module's docstring for why not in the writer).  ``raw``:
-        hand the records over as they are, for the writer to pack."""
+        ``pack_delay`` after the first event; see the module's docstring for why not in
+        the writer).  ``raw``: hand the records over as they are, for the writer to
+        pack."""
         with self._pack_lock:
-            self._pack_due_on = None
             # no writer: nothing is recorded then, and _stop_writer handed the rest over
             if self._worker is not None:
                 self._hand_over(self._worker, raw)
@@ -1075,7 +1095,7 @@ def init_schema(conn: sqlite3.Connection) -> None:
                     for statement in _MIGRATE_1_TO_2:
                         conn.execute(statement)
                     version = 0
-                if version == 0:
+                if version in (0, 2):  # 2 -> 3: same table, newer packs
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
                     raise RuntimeError(f"history database has schema {version}")

@@ -332,8 +332,93 @@ def test_pack_columns_keeps_nan_and_unequal_values_apart():
     run = [{"kind": "k", "x": float("nan"), "y": 1}, {"kind": "k", "x": float("nan"), "y": 1}]
     packed = pack_columns(run)
     assert packed["same"] == {"kind": "k", "y": 1} and "x" in packed["cols"]
-    back = unpack_columns(packed)
+    back = unpack_columns(packed, 2)
     assert [r["y"] for r in back] == [1, 1] and all(r["x"] != r["x"] for r in back)
+
+
+def test_a_pack_of_identical_events_reads_back_all_of_them():
+    e = sent("c1", 1.0)
+    (row,) = pack_rows([record_of(e)] * 3)  # every field the same: no column left
+    assert row[7] == 3 and parse_row(row[6], row[7]) == [e, e, e]
+
+
+def test_pack_columns_keeps_values_of_different_types_apart_and_falls_back():
+    from plugins.history import pack_columns, unpack_columns
+
+    run = [{"kind": "k", "v": 1}, {"kind": "k", "v": True}, {"kind": "k", "v": 1.0}]
+    packed = pack_columns(run)
+    assert "v" in packed["cols"]
+    assert [type(r["v"]) for r in unpack_columns(orjson.loads(orjson.dumps(packed)), 3)] == [
+        int,
+        bool,
+        float,
+    ]
+    with pytest.raises((ValueError, KeyError)):
+        pack_columns([{"kind": "k", "a": 1}, {"kind": "k", "a": 1, "b": 2}])
+    # pack_rows stores such a run as an array instead
+    odd = [{**record_of(sent("c1", 1.0)), "extra": 1}, record_of(sent("c1", 1.1))]
+    (row,) = pack_rows(odd)
+    assert isinstance(orjson.loads(row[6]), list)
+
+
+def test_a_schema_2_database_is_taken_over_and_old_readers_are_refused(db):
+    import sqlite3
+
+    from plugins.history import SCHEMA_VERSION, init_schema
+
+    conn = sqlite3.connect(db)
+    init_schema(conn)
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    init_schema(conn)  # what a schema-3 plugin does on open
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    conn.close()
+
+
+async def test_headers_changed_by_the_sender_after_a_send_are_not_stored(
+    make_server, make_client, db
+):
+    """The event holds the message's headers until its pack is written (up to
+    ``pack_delay`` later): a caller reusing its headers dict must not rewrite them."""
+    plugin = HistoryPlugin(db, max_age=None)
+    try:
+        async with make_server(plugins=[plugin]) as server:
+            client = make_client("dev-1", server.port, plugins=[])
+            client.handler(lambda m: None)
+            async with connected(client):
+                headers = {"i": "0"}
+                for i in range(5):
+                    headers["i"] = str(i)
+                    await server.send_to("dev-1", i, headers=headers)
+                    await asyncio.sleep(0.001)
+                headers["i"] = "changed"
+        assert await asyncio.to_thread(plugin.flush, 10)
+        sent_events = plugin.history("dev-1", kinds="message.sent", limit=None)
+        assert [e.headers for e in sent_events] == [{"i": str(i)} for i in range(5)]
+    finally:
+        plugin.close()
+
+
+async def test_a_full_batch_does_not_multiply_the_scheduled_packs(installed, monkeypatch):
+    """A hand-over made early by a full batch leaves the scheduled one in place: no
+    second timer, so packs are not split more often than ``pack_delay``."""
+    plugin, s = installed(pack_delay=60.0, batch=100)
+    loop = asyncio.get_running_loop()
+    scheduled: list[float] = []
+    real = loop.call_later
+
+    def counting(delay: float, cb: Any, *args: Any) -> Any:
+        scheduled.append(delay)
+        return real(delay, cb, *args)
+
+    monkeypatch.setattr(loop, "call_later", counting)
+    for i in range(450):  # four full batches
+        emit(s, sent("c1", 1.0 + i / 1000))
+        if i % 10 == 9:
+            await asyncio.sleep(0)
+    assert scheduled == [60.0]
+    assert plugin._unpacked_n == 50 and plugin.stats()["recorded"] == 450
+    assert await asyncio.to_thread(plugin.flush, 10) and plugin.count() == 450
 
 
 async def test_events_of_many_loop_passes_within_pack_delay_are_one_pack(installed):
