@@ -521,7 +521,6 @@ def _raw_proto_classes() -> tuple[type, type]:
         def __init__(self, quic: Any, *a: Any, **kw: Any) -> None:
             super().__init__(quic, *a, **kw)
             self.dec = {MSG_STREAM: Decoder(), HB_STREAM: Decoder()}
-            self.last_pong = time.monotonic()
             original = quic._initialize
 
             def _initialize(peer_cid: bytes) -> None:  # one key share, as backbone offers
@@ -546,8 +545,7 @@ def _raw_proto_classes() -> tuple[type, type]:
                             self._quic.send_stream_data(
                                 MSG_STREAM, data_frame(RESULT, 0, msg_id, OK_BODY)
                             )
-                    elif ftype == PONG:
-                        self.last_pong = time.monotonic()
+                    # no PONG comes: the QUIC ACK of the PING's packet answers it
             elif type(event) is ConnectionTerminated and not self.gone.done():
                 self.gone.set_result(None)
 
