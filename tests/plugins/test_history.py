@@ -421,6 +421,40 @@ async def test_a_full_batch_does_not_multiply_the_scheduled_packs(installed, mon
     assert await asyncio.to_thread(plugin.flush, 10) and plugin.count() == 450
 
 
+async def test_close_from_another_thread_while_the_loop_records_loses_nothing(installed):
+    """close() stops the writer from another thread while events keep arriving on the
+    loop, with the default pack_delay: every event recorded is written or counted as
+    dropped, in order, and close() returns."""
+    plugin, s = installed(max_age=None)
+    closed = threading.Event()
+
+    async def produce() -> int:
+        i = 0
+        while not closed.is_set():
+            emit(s, sent("c1", 1.0 + i / 10_000))
+            i += 1
+            if i % 20 == 0:
+                await asyncio.sleep(0.001)  # about 10k events/s: the writer keeps up
+        return i
+
+    producer = asyncio.create_task(produce())
+    await asyncio.sleep(0.12)  # a few hand-overs on their timer
+
+    def close() -> None:
+        plugin.close()
+        closed.set()
+
+    await asyncio.wait_for(asyncio.to_thread(close), 20)
+    emitted = await producer
+    stats = plugin.stats()
+    assert 0 < stats["recorded"] <= emitted
+    assert stats["written"] + stats["dropped"] == stats["recorded"]
+    assert plugin.count() == stats["written"] > 0
+    if not stats["dropped"]:  # exactly the first events recorded, none twice
+        stored = plugin.history("c1", limit=None)
+        assert [e.at for e in stored] == [1.0 + i / 10_000 for i in range(len(stored))]
+
+
 async def test_events_of_many_loop_passes_within_pack_delay_are_one_pack(installed):
     plugin, s = installed(pack_delay=60.0)  # only flush() or a full batch hands over
     events = [sent("c1", 1.0 + i / 1000) for i in range(300)]
