@@ -248,10 +248,7 @@ class PendingOwner:
             if wait_ack:
                 flags |= FLAG_WAIT_ACK
             msg_id = self._ids.next()
-            if propagation.active():  # a copy of the caller's headers, with the context
-                headers = propagation.inject(self, "message", msg_id.hex(), client_id, headers)
-            elif headers:  # the event holds them: the caller may change its dict later
-                headers = dict(headers)
+            headers = propagation.outgoing(self, "message", msg_id, client_id, headers)
             frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
             fut = link.send_frame(
                 frame,

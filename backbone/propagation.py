@@ -34,6 +34,17 @@ def active() -> bool:
     return bool(_injectors)
 
 
+def outgoing(
+    sender: Any, kind: str, msg_id: bytes, client_id: str, headers: dict[str, str] | None
+) -> dict[str, str] | None:
+    """The headers an application's message goes out with: never the caller's own dict
+    (the events hold them until plugins are done, and the caller may change its dict
+    after the send), with what the injectors add."""
+    if _injectors:
+        return inject(sender, kind, msg_id.hex(), client_id, headers)  # a new dict
+    return dict(headers) if headers else headers
+
+
 def inject(
     sender: Any, kind: str, msg_id: str, client_id: str, headers: dict[str, str] | None
 ) -> dict[str, str] | None:

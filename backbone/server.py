@@ -715,10 +715,7 @@ class Server(HandlerOwner, PendingOwner):
         if wait_ack:
             flags |= FLAG_WAIT_ACK
         msg_id = self._ids.next()
-        if propagation.active():  # a copy of the caller's headers, with the context
-            headers = propagation.inject(self, "broadcast", msg_id.hex(), "*", headers)
-        elif headers:  # the events hold them: the caller may change its dict later
-            headers = dict(headers)
+        headers = propagation.outgoing(self, "broadcast", msg_id, "*", headers)
         frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
         timeout = self.config.ack_timeout if timeout is None else timeout
         outcomes: dict[str, Outcome] = {}
