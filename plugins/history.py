@@ -343,19 +343,23 @@ def rows_of(items: Iterable[Item]) -> list[Row]:
             rows.append(_single(item))  # type: ignore[arg-type]
             continue
         first_at = item[0]["at"]
-        if len(item) <= PACK_MAX and max(map(_AT, item)) - first_at <= PACK_SPAN:
-            rows.append(_pack(item))
+        last_at = max(map(_AT, item))
+        if len(item) <= PACK_MAX and last_at - first_at <= PACK_SPAN:
+            rows.append(_pack_row(item, last_at))
             continue
         start = 0
         for i, r in enumerate(item):
             if i - start >= PACK_MAX or r["at"] - first_at > PACK_SPAN:
-                rows.append(_pack(item[start:i]))
+                run = item[start:i]
+                rows.append(_pack_row(run, max(map(_AT, run))))
                 start, first_at = i, r["at"]
-        rows.append(_pack(item[start:]))
+        run = item[start:]
+        rows.append(_pack_row(run, max(map(_AT, run))))
     return rows
 
 
-def _pack(run: list[Record]) -> Row:
+def _pack_row(run: list[Record], last_at: float) -> Row:
+    """One row for a run of one client and role (``last_at``: its latest ``at``)."""
     first = run[0]
     n = len(run)
     if n == 1:
@@ -380,7 +384,7 @@ def _pack(run: list[Record]) -> Row:
         None,
         data,
         n,
-        max(map(_AT, run)),
+        last_at,
     )
 
 
