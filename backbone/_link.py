@@ -43,6 +43,7 @@ from .events import (
     ProtocolViolated,
     Role,
     SendRejected,
+    next_seq,
 )
 from .frames import (
     FLAG_ERROR,
@@ -562,20 +563,29 @@ class Link:
         self.messages_sent += 1
         self._figures.messages_out += 1
         if signals.wants(signals.on_message_sent):
-            signals.emit(
-                signals.on_message_sent,
-                self.owner,
-                MessageSent.unchecked(
-                    role=self.role,
-                    msg_id=msg_id.hex(),
-                    client_id=self.client_id,
-                    size=size,
-                    wait_ack=wait_ack,
-                    broadcast=broadcast,
-                    headers=headers,
-                ),
+            event = MessageSent.unchecked(
+                role=self.role,
+                msg_id=msg_id.hex(),
+                client_id=self.client_id,
+                size=size,
+                wait_ack=wait_ack,
+                broadcast=broadcast,
+                headers=headers,
+            )
+            signals.emit_step(signals.on_message_sent, self.owner, event)
+            if signals.batching():
+                self._step("message.sent", signals.row_of(event))
+        elif signals.batching():
+            self._step(
+                "message.sent",
+                (next_seq(), time.time(), msg_id.hex(), size, wait_ack, broadcast, headers),
             )
         return fut
+
+    def _step(self, kind: str, row: tuple[Any, ...]) -> None:
+        """A per-message step for :data:`signals.on_events_batched` (``row``: its
+        values of ``STEP_FIELDS[kind]``, in that order)."""
+        signals.add_step(self.owner, self.role, self.client_id, kind, row)
 
     def send_control(self, frame: bytes) -> None:
         """Queue a control frame (GOAWAY) behind what is queued, and transmit now."""
@@ -633,17 +643,21 @@ class Link:
         self.messages_received += 1
         self._figures.messages_in += 1
         if signals.wants(signals.on_message_received):
-            signals.emit(
-                signals.on_message_received,
-                self.owner,
-                MessageReceived.unchecked(
-                    role=self.role,
-                    msg_id=msg.msg_id,
-                    client_id=self.client_id,
-                    size=len(df.body),
-                    wait_ack=wait_ack,
-                    headers=df.headers,
-                ),
+            event = MessageReceived.unchecked(
+                role=self.role,
+                msg_id=msg.msg_id,
+                client_id=self.client_id,
+                size=len(df.body),
+                wait_ack=wait_ack,
+                headers=df.headers,
+            )
+            signals.emit_step(signals.on_message_received, self.owner, event)
+            if signals.batching():
+                self._step("message.received", signals.row_of(event))
+        elif signals.batching():
+            self._step(
+                "message.received",
+                (next_seq(), time.time(), msg.msg_id, len(df.body), wait_ack, df.headers),
             )
         inbox.append(msg)
         wakeup = self._wakeup
@@ -669,9 +683,9 @@ class Link:
         entry = owner.pending.resolve(self.session_id, df.msg_id)
         if entry is None:
             if owner.pending.was_recently_expired(self.session_id, df.msg_id):
-                if signals.wants(signals.on_ack):
+                if signals.wants(signals.on_ack_late):
                     signals.emit(
-                        signals.on_ack,
+                        signals.on_ack_late,
                         owner,
                         LateAckDropped(
                             role=self.role, msg_id=df.msg_id.hex(), client_id=self.client_id
@@ -693,17 +707,29 @@ class Link:
             else:
                 fut.set_result(value)
         if signals.wants(signals.on_ack):
-            signals.emit(
-                signals.on_ack,
-                owner,
-                AckReceived.unchecked(
-                    role=self.role,
-                    msg_id=df.msg_id.hex(),
-                    client_id=self.client_id,
-                    ok=error_type is None,
-                    error_type=error_type,
-                    latency=latency,
-                    headers=df.headers,
+            event = AckReceived.unchecked(
+                role=self.role,
+                msg_id=df.msg_id.hex(),
+                client_id=self.client_id,
+                ok=error_type is None,
+                error_type=error_type,
+                latency=latency,
+                headers=df.headers,
+            )
+            signals.emit_step(signals.on_ack, owner, event)
+            if signals.batching():
+                self._step("ack.received", signals.row_of(event))
+        elif signals.batching():
+            self._step(
+                "ack.received",
+                (
+                    next_seq(),
+                    time.time(),
+                    df.msg_id.hex(),
+                    error_type is None,
+                    error_type,
+                    latency,
+                    df.headers,
                 ),
             )
 
@@ -790,19 +816,33 @@ class Link:
         """After the handler: count, report, and answer a WaitAck message."""
         self.processed += 1
         if signals.wants(signals.on_message_processed):
-            signals.emit(
-                signals.on_message_processed,
-                self.owner,
-                MessageProcessed.unchecked(
-                    role=self.role,
-                    msg_id=msg.msg_id,
-                    client_id=self.client_id,
-                    wait_ack=msg.wait_ack,
-                    ok=error is None,
-                    error_type=None if error is None else error[0],
-                    started_at=started_wall,
-                    processing_time=elapsed,
-                    headers=msg.headers,
+            event = MessageProcessed.unchecked(
+                role=self.role,
+                msg_id=msg.msg_id,
+                client_id=self.client_id,
+                wait_ack=msg.wait_ack,
+                ok=error is None,
+                error_type=None if error is None else error[0],
+                started_at=started_wall,
+                processing_time=elapsed,
+                headers=msg.headers,
+            )
+            signals.emit_step(signals.on_message_processed, self.owner, event)
+            if signals.batching():
+                self._step("message.processed", signals.row_of(event))
+        elif signals.batching():
+            self._step(
+                "message.processed",
+                (
+                    next_seq(),
+                    time.time(),
+                    msg.msg_id,
+                    msg.wait_ack,
+                    error is None,
+                    None if error is None else error[0],
+                    started_wall,
+                    elapsed,
+                    msg.headers,
                 ),
             )
         if not msg.wait_ack or self.closed:
@@ -827,17 +867,29 @@ class Link:
         self.credit_sent = self.processed
         self._queue(frame)
         if signals.wants(signals.on_ack):
-            signals.emit(
-                signals.on_ack,
-                self.owner,
-                AckSent.unchecked(
-                    role=self.role,
-                    msg_id=msg.msg_id,
-                    client_id=self.client_id,
-                    ok=error is None,
-                    error_type=None if error is None else error[0],
-                    size=len(body),
-                    processing_time=elapsed,
+            sent = AckSent.unchecked(
+                role=self.role,
+                msg_id=msg.msg_id,
+                client_id=self.client_id,
+                ok=error is None,
+                error_type=None if error is None else error[0],
+                size=len(body),
+                processing_time=elapsed,
+            )
+            signals.emit_step(signals.on_ack, self.owner, sent)
+            if signals.batching():
+                self._step("ack.sent", signals.row_of(sent))
+        elif signals.batching():
+            self._step(
+                "ack.sent",
+                (
+                    next_seq(),
+                    time.time(),
+                    msg.msg_id,
+                    error is None,
+                    None if error is None else error[0],
+                    len(body),
+                    elapsed,
                 ),
             )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,10 @@ Role = Literal["server", "client"]
 
 def _next_seq() -> int:
     return next(_seq)
+
+
+#: the next ``seq`` (for a batched step's row, built without its event)
+next_seq = _next_seq
 
 
 _E = TypeVar("_E", bound="Event")
@@ -109,6 +113,11 @@ def _slot(name: str) -> Callable[[Any, Any], None]:
     """The setter of one of ``BaseModel``'s slots (what ``object.__setattr__`` ends in)."""
     setter: Callable[[Any, Any], None] = BaseModel.__dict__[name].__set__
     return setter
+
+
+_SET_FIELDS_SET = _slot("__pydantic_fields_set__")
+_SET_EXTRA = _slot("__pydantic_extra__")
+_SET_PRIVATE = _slot("__pydantic_private__")
 
 
 # --- server lifecycle -------------------------------------------------------------
@@ -312,6 +321,88 @@ class SendRejected(Event):
     msg_id: str | None = None  # set when the MsgID was already assigned
 
 
+class EventsBatched(Event):
+    """Steps of one per-message kind (:data:`BATCHED_KINDS`: ``message.sent``,
+    ``message.received``, ``message.processed``, ``ack.sent``, ``ack.received``) for one
+    client, from one pass of the event loop, in the order they happened.
+
+    The same steps are also emitted one by one on their own signals (``message.sent``
+    on ``on_message_sent``...) when somebody listens there; this batch is the cheaper
+    way to watch them, and what the built-in plugins use.  The core builds one batch
+    per client, kind and loop pass, and no per-step event unless a receiver of that
+    kind's signal exists.  ``rows[i]`` holds step *i*'s values of :attr:`fields`
+    (:data:`STEP_FIELDS` of ``step``); the kind, role and client id are the batch's.
+    :meth:`events` rebuilds the steps' events, equal field for field to the ones
+    emitted one by one (same ``seq`` and ``at``).  Only on ``on_events_batched``, never
+    on ``on_event`` (which gets every step as its own event already)."""
+
+    kind: Literal["events.batched"] = "events.batched"
+    step: str  # the kind of every step in the batch
+    client_id: str
+    fields: tuple[str, ...]
+    rows: tuple[tuple[Any, ...], ...]
+
+    @property
+    def n(self) -> int:
+        """How many steps."""
+        return len(self.rows)
+
+    def column(self, name: str) -> tuple[Any, ...]:
+        """Every step's value of field ``name``, in order."""
+        i = self.fields.index(name)
+        return tuple(row[i] for row in self.rows)
+
+    def records(self) -> list[dict[str, Any]]:
+        """Every step's fields as a dict, in the field order of its event class (what
+        the step's ``event.__dict__`` holds)."""
+        common = {"kind": self.step, "role": self.role, "client_id": self.client_id}
+        fields = self.fields
+        order = tuple(EVENT_CLASS_OF_KIND[self.step].model_fields)
+        out = []
+        for row in self.rows:
+            values = dict(zip(fields, row, strict=True))
+            values.update(common)
+            out.append({name: values[name] for name in order})
+        return out
+
+    def events(self) -> list[Event]:
+        """The steps' events, as the core emits them one by one (not validated again:
+        the core's values are of the declared types, as with ``Event.unchecked``)."""
+        cls = EVENT_CLASS_OF_KIND[self.step]
+        every = set(cls.model_fields)
+        out = []
+        for values in self.records():
+            event = object.__new__(cls)
+            object.__setattr__(event, "__dict__", values)
+            _SET_FIELDS_SET(event, set(every))
+            _SET_EXTRA(event, None)
+            _SET_PRIVATE(event, None)
+            out.append(event)
+        return out
+
+    @classmethod
+    def of(cls, events: Sequence[Event]) -> EventsBatched:
+        """A batch of ``events`` (all of one batched kind, role and client), as the core
+        would emit it: for tests and for replaying stored events into plugins."""
+        if not events:
+            raise ValueError("a batch holds at least one step")
+        first = events[0]
+        step = first.kind
+        fields = STEP_FIELDS.get(step)
+        if fields is None:
+            raise ValueError(f"{step!r} is not a batched kind")
+        client_id = first.__dict__["client_id"]
+        rows = []
+        for e in events:
+            d = e.__dict__
+            if e.kind != step or e.role != first.role or d["client_id"] != client_id:
+                raise ValueError("a batch holds steps of one kind, role and client")
+            rows.append(tuple(d[name] for name in fields))
+        return cls.unchecked(
+            role=first.role, step=step, client_id=client_id, fields=fields, rows=tuple(rows)
+        )
+
+
 class AuthenticationFailed(Event):
     """Mutual TLS: a client's certificate was refused; its connection is closed with
     AUTH_FAILED.  ``reason``: no_certificate | unknown_ca | expired | not_yet_valid |
@@ -381,7 +472,8 @@ AnyEvent = Annotated[
     | AuthenticationFailed
     | SessionRefused
     | GoAwaySent
-    | GoAwayReceived,
+    | GoAwayReceived
+    | EventsBatched,
     Field(discriminator="kind"),
 ]
 
@@ -410,4 +502,26 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SessionRefused,
     GoAwaySent,
     GoAwayReceived,
+    EventsBatched,
 )
+
+#: the kind of each event class
+EVENT_CLASS_OF_KIND: dict[str, type[Event]] = {
+    t.model_fields["kind"].default: t for t in EVENT_TYPES
+}
+
+#: the per-message kinds the core also emits in batches (:class:`EventsBatched`)
+BATCHED_KINDS: frozenset[str] = frozenset(
+    {"message.sent", "message.received", "message.processed", "ack.sent", "ack.received"}
+)
+
+#: the fields of a batched step, in a batch's rows: its event's fields in declaration
+#: order, but for ``kind``, ``role`` and ``client_id`` (the batch's own)
+STEP_FIELDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(
+        name
+        for name in EVENT_CLASS_OF_KIND[kind].model_fields
+        if name not in ("kind", "role", "client_id")
+    )
+    for kind in sorted(BATCHED_KINDS)
+}

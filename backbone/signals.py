@@ -18,8 +18,10 @@ lambdas and bound methods of temporary objects with ``weak=False``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import threading
 import time
 import weakref
 from collections import Counter
@@ -28,7 +30,7 @@ from typing import Any
 
 from blinker import NamedSignal, Namespace
 
-from .events import Event
+from .events import BATCHED_KINDS, STEP_FIELDS, Event, EventsBatched
 
 Receiver = Callable[..., Any]
 
@@ -50,13 +52,18 @@ on_heartbeat = _ns.signal("heartbeat", doc="heartbeat.received and heartbeat.ack
 on_message_sent = _ns.signal("message.sent")
 on_message_received = _ns.signal("message.received")
 on_message_processed = _ns.signal("message.processed")
-on_ack = _ns.signal("ack", doc="ack.sent, ack.received and ack.late")
+on_ack = _ns.signal("ack", doc="ack.sent and ack.received")
+on_ack_late = _ns.signal("ack.late", doc="results that came after their timeout")
 on_ack_timeout = _ns.signal("ack.timed_out")
 on_ack_failed = _ns.signal("ack.failed")
 on_send_rejected = _ns.signal("send.rejected")
 on_goaway = _ns.signal("goaway", doc="goaway.sent (server) and goaway.received (client)")
 on_session_refused = _ns.signal("session.refused")
 on_auth_failed = _ns.signal("auth.failed")
+on_events_batched = _ns.signal(
+    "events.batched",
+    doc="per-message steps in batches (EventsBatched); never on on_event",
+)
 
 ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_event,
@@ -74,12 +81,14 @@ ALL_SIGNALS: tuple[NamedSignal, ...] = (
     on_message_received,
     on_message_processed,
     on_ack,
+    on_ack_late,
     on_ack_timeout,
     on_ack_failed,
     on_send_rejected,
     on_goaway,
     on_session_refused,
     on_auth_failed,
+    on_events_batched,
 )
 
 #: the signal each event kind is emitted on (every event also goes to ``on_event``).
@@ -102,7 +111,7 @@ SIGNAL_OF_KIND: dict[str, NamedSignal] = {
     "message.processed": on_message_processed,
     "ack.sent": on_ack,
     "ack.received": on_ack,
-    "ack.late": on_ack,
+    "ack.late": on_ack_late,
     "ack.timed_out": on_ack_timeout,
     "ack.failed": on_ack_failed,
     "send.rejected": on_send_rejected,
@@ -110,6 +119,7 @@ SIGNAL_OF_KIND: dict[str, NamedSignal] = {
     "goaway.received": on_goaway,
     "session.refused": on_session_refused,
     "auth.failed": on_auth_failed,
+    "events.batched": on_events_batched,
 }
 
 #: failures per receiver name since start; a plugin's health figure
@@ -210,6 +220,16 @@ def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
 
 def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
     """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated.
+    Steps batched so far on this thread are delivered first (:func:`flush_steps`), so a
+    batch receiver sees a client's steps before, say, its ``disconnected``."""
+    if _steps.pending:
+        flush_steps()
+    emit_step(signal, sender, event)
+
+
+def emit_step(signal: NamedSignal, sender: Any, event: Event) -> None:
+    """:func:`emit` for the core's per-message steps: without delivering the pending
+    batches first (each step would end the batch it belongs to).
     (``_deliver`` inlined for ``signal``: this runs once per message.)"""
     if signal.receivers:
         hit = _routes.get((id(signal), id(sender)))
@@ -219,5 +239,93 @@ def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
                 receiver(sender, event=event)
             except Exception:
                 _failed(signal, receiver, event)
-    if on_event.receivers and signal is not on_event:
+    if on_event.receivers and signal is not on_event and signal is not on_events_batched:
         _deliver(on_event, sender, event)
+
+
+# --- batches of per-message steps ------------------------------------------------------------
+#
+# For the kinds of events.BATCHED_KINDS the core adds each step as a row (a tuple of its
+# fields) to a per-thread table keyed by (sender, role, client, kind); at the end of the
+# event-loop pass (one call_soon per pass) every key becomes one EventsBatched, delivered
+# on on_events_batched.  Building a row costs a tuple; building and delivering an event
+# per step cost several microseconds between a real connection's messages.
+
+
+class _Steps(threading.local):
+    def __init__(self) -> None:
+        self.pending: dict[tuple[Any, str, str, str], list[tuple[Any, ...]]] = {}
+        self.scheduled_on: asyncio.AbstractEventLoop | None = None
+
+
+_steps = _Steps()
+#: the running loop or None, without raising (``asyncio.get_running_loop`` raises)
+_running_loop = asyncio._get_running_loop
+
+
+def batching() -> bool:
+    """True if the core should add its per-message steps to batches (someone listens
+    to :data:`on_events_batched`)."""
+    return bool(on_events_batched.receivers)
+
+
+def add_step(sender: Any, role: str, client_id: str, kind: str, row: tuple[Any, ...]) -> None:
+    """Add one step (``row``: its values of :data:`~backbone.events.STEP_FIELDS`
+    ``[kind]``) to the batch of ``sender``, ``role``, ``client_id`` and ``kind``; the
+    batches go out at the end of this event-loop pass, or at once outside a running
+    loop."""
+    pending = _steps.pending
+    key = (sender, role, client_id, kind)
+    rows = pending.get(key)
+    if rows is not None:
+        rows.append(row)
+    else:
+        pending[key] = [row]
+    loop = _running_loop()
+    if loop is None:
+        flush_steps()
+    elif _steps.scheduled_on is not loop:  # once per pass; again if that loop stopped
+        _steps.scheduled_on = loop
+        loop.call_soon(_flush_when_due)
+
+
+def _flush_when_due() -> None:
+    _steps.scheduled_on = None
+    flush_steps()
+
+
+def emit_event(sender: Any, event: Event) -> None:
+    """Emit ``event`` as the core does: on its kind's signal, and for a per-message kind
+    (:data:`~backbone.events.BATCHED_KINDS`) also into the batch of its client (for
+    tests, and for replaying or forwarding events into plugins)."""
+    kind = event.kind
+    signal = SIGNAL_OF_KIND[kind]
+    if kind not in BATCHED_KINDS:
+        emit(signal, sender, event)
+        return
+    if wants(signal):
+        emit_step(signal, sender, event)
+    if on_events_batched.receivers:
+        add_step(sender, event.role, event.__dict__["client_id"], kind, row_of(event))
+
+
+def row_of(event: Event) -> tuple[Any, ...]:
+    """A step's row, from its event (when the core built the event anyway)."""
+    values = event.__dict__
+    return tuple(values[name] for name in STEP_FIELDS[event.kind])
+
+
+def flush_steps() -> None:
+    """Deliver this thread's pending batches now (plugins' ``flush`` call it; so does
+    :func:`emit` before any other event)."""
+    pending = _steps.pending
+    if not pending:
+        return
+    _steps.pending = {}
+    if not on_events_batched.receivers:
+        return
+    for (sender, role, client_id, kind), rows in pending.items():
+        batch = EventsBatched.unchecked(
+            role=role, step=kind, client_id=client_id, fields=STEP_FIELDS[kind], rows=tuple(rows)
+        )
+        _deliver(on_events_batched, sender, batch)

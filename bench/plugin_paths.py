@@ -5,9 +5,9 @@ One process, one event loop: the events are emitted from a running loop, which y
 every :data:`PER_PASS` messages, as the real sender does; the plugins' flush, inside the
 window, includes the work they defer (history's packing).  A stand-in sender (a
 :class:`backbone.Server` that is never started, so its plugins install as they would)
-emits the per-message events the core emits for a one-way message on each side, built
-the way the core builds them
-(``Event.unchecked``): ``message.sent`` (server) and ``message.received`` +
+emits the per-message steps the core emits for a one-way message on each side, the way
+the core does (an ``Event.unchecked`` per step for per-step receivers, a row per step for
+batch receivers, ``signals.add_step``): ``message.sent`` (server) and ``message.received`` +
 ``message.processed`` (client), ``--n`` of each.  Reported per message and per side,
 in CPU microseconds:
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from backbone import Client, Server, signals
-from backbone.events import MessageProcessed, MessageReceived, MessageSent
+from backbone.events import MessageProcessed, MessageReceived, MessageSent, next_seq
 from backbone.plugins import Plugin
 
 #: messages emitted per event-loop pass (``bench/single_connection.py`` sends 64 a pass)
@@ -107,50 +107,89 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                 msg_id = f"{i:032x}"
                 if side == "server":
                     if signals.wants(signals.on_message_sent):
-                        signals.emit(
-                            signals.on_message_sent,
-                            server,
-                            MessageSent.unchecked(
-                                role="server",
-                                msg_id=msg_id,
-                                client_id="c-1",
-                                size=200,
-                                wait_ack=False,
-                                broadcast=False,
-                                headers=headers,
-                            ),
-                        )
-                    continue
-                if signals.wants(signals.on_message_received):
-                    signals.emit(
-                        signals.on_message_received,
-                        client,
-                        MessageReceived.unchecked(
-                            role="client",
+                        sent = MessageSent.unchecked(
+                            role="server",
                             msg_id=msg_id,
                             client_id="c-1",
                             size=200,
                             wait_ack=False,
+                            broadcast=False,
                             headers=headers,
-                        ),
+                        )
+                        signals.emit_step(signals.on_message_sent, server, sent)
+                        if signals.batching():
+                            signals.add_step(
+                                server, "server", "c-1", "message.sent", signals.row_of(sent)
+                            )
+                    elif signals.batching():
+                        signals.add_step(
+                            server,
+                            "server",
+                            "c-1",
+                            "message.sent",
+                            (next_seq(), time.time(), msg_id, 200, False, False, headers),
+                        )
+                    continue
+                if signals.wants(signals.on_message_received):
+                    received = MessageReceived.unchecked(
+                        role="client",
+                        msg_id=msg_id,
+                        client_id="c-1",
+                        size=200,
+                        wait_ack=False,
+                        headers=headers,
                     )
-                if signals.wants(signals.on_message_processed):
-                    signals.emit(
-                        signals.on_message_processed,
+                    signals.emit_step(signals.on_message_received, client, received)
+                    if signals.batching():
+                        signals.add_step(
+                            client, "client", "c-1", "message.received", signals.row_of(received)
+                        )
+                elif signals.batching():
+                    signals.add_step(
                         client,
-                        MessageProcessed.unchecked(
-                            role="client",
-                            msg_id=msg_id,
-                            client_id="c-1",
-                            wait_ack=False,
-                            ok=True,
-                            error_type=None,
-                            started_at=time.time(),
-                            processing_time=2e-6,
-                            headers=headers,
+                        "client",
+                        "c-1",
+                        "message.received",
+                        (next_seq(), time.time(), msg_id, 200, False, headers),
+                    )
+                started = time.time()
+                if signals.wants(signals.on_message_processed):
+                    processed = MessageProcessed.unchecked(
+                        role="client",
+                        msg_id=msg_id,
+                        client_id="c-1",
+                        wait_ack=False,
+                        ok=True,
+                        error_type=None,
+                        started_at=started,
+                        processing_time=2e-6,
+                        headers=headers,
+                    )
+                    signals.emit_step(signals.on_message_processed, client, processed)
+                    if signals.batching():
+                        signals.add_step(
+                            client, "client", "c-1", "message.processed", signals.row_of(processed)
+                        )
+                elif signals.batching():
+                    signals.add_step(
+                        client,
+                        "client",
+                        "c-1",
+                        "message.processed",
+                        (
+                            next_seq(),
+                            time.time(),
+                            msg_id,
+                            False,
+                            True,
+                            None,
+                            started,
+                            2e-6,
+                            headers,
                         ),
                     )
-            await asyncio.sleep(0)  # the last pass's deferred work (history's packing)
+            await asyncio.sleep(0)  # the last pass's batches
+            await asyncio.sleep(0)  # and the deferred work (history's packing)
             loop_s = time.thread_time() - t0
             for p in server_plugins + client_plugins:
                 flush = getattr(p, "flush", None)

@@ -54,6 +54,8 @@ from pydantic import TypeAdapter
 
 from backbone import signals
 from backbone.events import (
+    BATCHED_KINDS,
+    STEP_FIELDS,
     AckFailed,
     AckReceived,
     AckTimedOut,
@@ -61,6 +63,7 @@ from backbone.events import (
     Connected,
     Disconnected,
     Event,
+    EventsBatched,
     HeartbeatAcknowledged,
     HeartbeatReceived,
     LateAckDropped,
@@ -300,19 +303,23 @@ def pack_rows(records: Iterable[Record]) -> list[Row]:
     pack costs SQLite one row and one index entry instead of one per message.
     """
     items: list[Item] = []
-    runs: dict[tuple[str, str], list[Record]] = {}
+    runs: dict[tuple[str, str], list[Record | EventsBatched]] = {}
     for r in records:
         add_item(items, runs, r, r["kind"] in PACKED_KINDS)
     return rows_of(items)
 
 
 #: what is recorded and not yet packed: a record, or a *run* (a list of the consecutive
-#: per-message records of one client and role, in order), each at the place of its first
-Item: TypeAlias = "Record | list[Record]"
+#: per-message records of one client and role, in order, and batches of them as the core
+#: emits them, :class:`~backbone.events.EventsBatched`), each at the place of its first
+Item: TypeAlias = "Record | list[Record | EventsBatched]"
 
 
 def add_item(
-    items: list[Item], runs: dict[tuple[str, str], list[Record]], r: Record, packed: bool
+    items: list[Item],
+    runs: dict[tuple[str, str], list[Record | EventsBatched]],
+    r: Record,
+    packed: bool,
 ) -> None:
     """Add ``r`` to ``items``: to its client and role's open run if ``packed`` (opening
     one if there is none), else on its own, ending that open run.  ``runs`` holds the
@@ -334,14 +341,37 @@ def add_item(
     items.append(r)
 
 
+def add_batch(
+    items: list[Item], runs: dict[tuple[str, str], list[Record | EventsBatched]], b: EventsBatched
+) -> None:
+    """:func:`add_item` for a batch of steps: to its client and role's open run."""
+    key = (b.client_id, b.role)
+    run = runs.get(key)
+    if run is None:
+        runs[key] = run = []
+        items.append(run)
+    run.append(b)
+
+
 def rows_of(items: Iterable[Item]) -> list[Row]:
     """The rows of :func:`add_item`'s ``items``: a run becomes packs of at most
-    :data:`PACK_MAX` records spanning at most :data:`PACK_SPAN` seconds."""
+    :data:`PACK_MAX` records spanning at most :data:`PACK_SPAN` seconds.  A run made of
+    batches of one kind is packed from the batches' rows (:func:`_batch_rows`), without
+    a dict per step; a run that mixes kinds, or batches and records, is packed from its
+    records."""
     rows: list[Row] = []
-    for item in items:
-        if type(item) is not list:
-            rows.append(_single(item))  # type: ignore[arg-type]
+    for entry in items:
+        if type(entry) is not list:
+            rows.append(_single(entry))  # type: ignore[arg-type]
             continue
+        first_entry = entry[0]
+        if type(first_entry) is EventsBatched and all(
+            type(x) is EventsBatched and x.step == first_entry.step  # type: ignore[union-attr]
+            for x in entry
+        ):
+            rows.extend(_batch_rows(entry))  # type: ignore[arg-type]
+            continue
+        item = _flat([entry])
         first_at = item[0]["at"]
         last_at = max(map(_AT, item))
         if len(item) <= PACK_MAX and last_at - first_at <= PACK_SPAN:
@@ -393,10 +423,65 @@ def _flat(items: Iterable[Item]) -> list[Record]:
     out: list[Record] = []
     for item in items:
         if type(item) is list:
-            out.extend(item)
+            for x in item:
+                if type(x) is EventsBatched:
+                    out.extend(x.records())
+                else:
+                    out.append(x)  # type: ignore[arg-type]
         else:
             out.append(item)  # type: ignore[arg-type]
     return out
+
+
+#: a batched step's ``at`` is the second value of its row (``STEP_FIELDS``: seq, at, ...)
+_ROW_AT: Final = 1
+
+
+def _batch_rows(batches: list[EventsBatched]) -> list[Row]:
+    """The packs of a run of batches of one kind (one client and role): their rows
+    split as :func:`rows_of` splits a run, each pack stored as columns."""
+    b = batches[0]
+    steps = b.rows if len(batches) == 1 else [row for x in batches for row in x.rows]
+    ats = [row[_ROW_AT] for row in steps]
+    if len(steps) <= PACK_MAX and max(ats) - ats[0] <= PACK_SPAN:
+        return [_batch_pack(b, steps, ats)]
+    out: list[Row] = []
+    start, first_at = 0, ats[0]
+    for i, at in enumerate(ats):
+        if i - start >= PACK_MAX or at - first_at > PACK_SPAN:
+            out.append(_batch_pack(b, steps[start:i], ats[start:i]))
+            start, first_at = i, at
+    out.append(_batch_pack(b, steps[start:], ats[start:]))
+    return out
+
+
+def _batch_pack(b: EventsBatched, steps: Sequence[tuple[Any, ...]], ats: list[float]) -> Row:
+    """One row for steps of ``b``'s kind, role and client: a pack of columns, as
+    :func:`pack_columns` makes from their records (or a single event's row)."""
+    n = len(steps)
+    if n == 1:
+        record = dict(zip(b.fields, steps[0], strict=True))
+        record.update(kind=b.step, role=b.role, client_id=b.client_id)
+        return _single(record)
+    same: dict[str, Any] = {"kind": b.step, "role": b.role, "client_id": b.client_id}
+    cols: dict[str, list[Any]] = {}
+    for name, col in zip(b.fields, zip(*steps, strict=True), strict=True):
+        first = col[0]
+        if col.count(first) == n and first == first and len(set(map(type, col))) == 1:
+            same[name] = first
+        else:
+            cols[name] = list(col)
+    return (
+        ats[0],
+        b.step,
+        b.role,
+        b.client_id,
+        None,
+        None,
+        _json({"same": same, "cols": cols}).decode(),
+        n,
+        max(ats),
+    )
 
 
 def _newest_first(item: tuple[float, int, int, Event]) -> tuple[float, int, int]:
@@ -463,7 +548,9 @@ def fold(state: dict[str, Any], event: Event) -> None:
     views use it directly: no copy per event."""
     at = event.at
     state["events"] += 1
-    state["last_event_at"] = at
+    last = state["last_event_at"]
+    # the latest, not the last folded: batches of two kinds may come in either order
+    state["last_event_at"] = at if last is None or at > last else last
     t = type(event)
     if t is MessageSent:
         state["messages_sent"] += 1
@@ -494,6 +581,29 @@ def fold(state: dict[str, Any], event: Event) -> None:
         state["acks_late"] += 1
     elif t is SendRejected:
         state["sends_rejected"] += 1
+
+
+_ACK_OK: Final = STEP_FIELDS["ack.received"].index("ok")
+
+
+def fold_batch(state: dict[str, Any], batch: EventsBatched) -> None:
+    """:func:`fold` for a batch of steps of the view's client and role (what folding
+    each of ``batch.events()`` would do, without building them)."""
+    rows = batch.rows
+    n = len(rows)
+    state["events"] += n
+    at = max(row[_ROW_AT] for row in rows)
+    last = state["last_event_at"]
+    state["last_event_at"] = at if last is None or at > last else last
+    step = batch.step
+    if step == "message.sent":
+        state["messages_sent"] += n
+    elif step == "message.processed":
+        state["messages_received"] += n
+    elif step == "ack.received":
+        ok = sum(1 for row in rows if row[_ACK_OK])
+        state["acks_ok"] += ok
+        state["acks_failed"] += n - ok
 
 
 def _view(state: dict[str, Any]) -> SessionView:
@@ -602,7 +712,7 @@ class HistoryPlugin(Plugin):
         # recorded, not yet packed (added by the receiver, taken by _pack): the items,
         # the open run of each client and role among them, how many records they hold
         self._unpacked: list[Item] = []
-        self._runs: dict[tuple[str, str], list[Record]] = {}
+        self._runs: dict[tuple[str, str], list[Record | EventsBatched]] = {}
         self._unpacked_n = 0
         # the loop a _pack is scheduled on (None: none is); a different running loop
         # schedules its own, so a loop that stopped first cannot leave events unpacked
@@ -625,8 +735,15 @@ class HistoryPlugin(Plugin):
 
     # --- plugin hooks --------------------------------------------------------------------------
     def receivers(self) -> dict[NamedSignal, Receiver]:
-        wanted = {signals.SIGNAL_OF_KIND[kind] for kind in self.kinds | HEARTBEAT_KINDS}
-        return dict.fromkeys(wanted, self._on_event)
+        wanted = {
+            signals.SIGNAL_OF_KIND[kind]
+            for kind in self.kinds | HEARTBEAT_KINDS
+            if kind not in BATCHED_KINDS
+        }
+        out: dict[NamedSignal, Receiver] = dict.fromkeys(wanted, self._on_event)
+        if self.kinds & BATCHED_KINDS:
+            out[signals.on_events_batched] = self._on_batch
+        return out
 
     def on_install(self, sender: Any) -> None:
         if self._worker is not None:
@@ -652,6 +769,7 @@ class HistoryPlugin(Plugin):
     def close(self, timeout: float = 10.0) -> None:
         """Uninstall from every sender, write what is queued and close the connections.
         Queries still work afterwards (they reopen a read connection)."""
+        signals.flush_steps()
         for sender in list(self._senders.values()):
             self.uninstall(sender)
         self._stop_writer(timeout)
@@ -732,6 +850,35 @@ class HistoryPlugin(Plugin):
             self._submitted += 1
             self._unpacked_n += 1
             add_item(self._unpacked, self._runs, fields, event.kind in PACKED_KINDS)
+        self._added()
+
+    def _on_batch(self, sender: Any, event: EventsBatched) -> None:
+        """The per-message steps (:data:`~backbone.events.BATCHED_KINDS`), a batch per
+        client, kind and loop pass: into the live view and the client's open run as
+        they are; they are only turned into columns when packed."""
+        if event.step not in self.kinds:
+            return
+        if event.role == "server":
+            cid = event.client_id
+            state = self._live.get(cid)
+            if state is None:
+                self._live[cid] = state = dict(SessionView(cid).__dict__)
+                fold_batch(state, event)
+                if len(self._live) > self.max_live:
+                    self._forget_disconnected()
+            else:
+                fold_batch(state, event)
+        n = len(event.rows)
+        with self._pack_lock:
+            if self._worker is None:
+                return
+            self._submitted += n
+            self._unpacked_n += n
+            add_batch(self._unpacked, self._runs, event)
+        self._added()
+
+    def _added(self) -> None:
+        """After recording: pack now if a batch is full, else schedule the pack."""
         if self._unpacked_n >= self.batch:
             self._pack()
             return
@@ -893,6 +1040,7 @@ class HistoryPlugin(Plugin):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every event recorded so far is written (or dropped); False on
         timeout.  Do not call it on the event loop with a long timeout."""
+        signals.flush_steps()  # this thread's steps of the current loop pass
         worker = self._worker
         return True if worker is None else self._wait_done(worker, timeout)
 

@@ -77,7 +77,7 @@ import orjson
 from blinker import NamedSignal
 
 from backbone import signals
-from backbone.events import Event
+from backbone.events import Event, EventsBatched
 from backbone.plugins import Plugin, Receiver
 
 LOGGER_NAME: Final = "backbone.events"
@@ -141,9 +141,7 @@ _SIGNALS: Final = (
     signals.on_connect_failed,
     signals.on_reconnect_scheduled,
     signals.on_protocol_error,
-    signals.on_message_sent,
-    signals.on_message_received,
-    signals.on_ack,
+    signals.on_ack_late,
     signals.on_ack_timeout,
     signals.on_ack_failed,
     signals.on_send_rejected,
@@ -288,9 +286,9 @@ class LoggingPlugin(Plugin):
 
     def receivers(self) -> dict[NamedSignal, Receiver]:
         out: dict[NamedSignal, Receiver] = dict.fromkeys(_SIGNALS, self.log_event)
-        if not self.logger.isEnabledFor(self.message_level):
-            # decided at install: these two signals carry only per-message lines
-            del out[signals.on_message_sent], out[signals.on_message_received]
+        if self.logger.isEnabledFor(self.message_level):
+            # decided at install: the per-message lines (MESSAGE_KINDS) come in batches
+            out[signals.on_events_batched] = self.log_batch
         for name in _OPTIONAL_SIGNALS:
             signal = getattr(signals, name, None)
             if isinstance(signal, NamedSignal):
@@ -321,6 +319,14 @@ class LoggingPlugin(Plugin):
         )
         record.backbone_event = event
         logger.handle(record)
+
+    def log_batch(self, sender: Any, event: EventsBatched) -> None:
+        """The receiver of per-message steps: a line for each step of a kind this
+        plugin logs (:data:`MESSAGE_KINDS`)."""
+        if event.step not in MESSAGE_KINDS:
+            return
+        for step in event.events():
+            self.log_event(sender, step)
 
     def line(self, event: Event) -> str:
         """The text this plugin logs for ``event`` (whatever the level)."""

@@ -159,18 +159,17 @@ from opentelemetry.util.types import AttributeValue
 
 from backbone import signals
 from backbone.events import (
+    STEP_FIELDS,
     AckFailed,
-    AckReceived,
     AckTimedOut,
     Connected,
     ConnectFailed,
     Disconnected,
     Event,
+    EventsBatched,
     HeartbeatAcknowledged,
     HeartbeatTimedOut,
     LateAckDropped,
-    MessageProcessed,
-    MessageSent,
     ProtocolViolated,
     ReconnectScheduled,
     SendRejected,
@@ -178,6 +177,13 @@ from backbone.events import (
 from backbone.plugins import Plugin, Receiver, plugin_drops
 
 log = logging.getLogger("backbone.plugins.metrics")
+
+# where a batched step's values are in a batch's rows (EventsBatched)
+_SENT_BROADCAST: Final = STEP_FIELDS["message.sent"].index("broadcast")
+_PROCESSED_TIME: Final = STEP_FIELDS["message.processed"].index("processing_time")
+_PROCESSED_ERROR: Final = STEP_FIELDS["message.processed"].index("error_type")
+_ACK_LATENCY: Final = STEP_FIELDS["ack.received"].index("latency")
+_ACK_ERROR: Final = STEP_FIELDS["ack.received"].index("error_type")
 
 SYSTEM: Final = "backbone"
 METER_NAME: Final = "backbone.plugins.metrics"
@@ -828,9 +834,8 @@ class MetricsPlugin(Plugin):
     # --- receivers ----------------------------------------------------------------------
     def receivers(self) -> dict[NamedSignal, Receiver]:
         out: dict[NamedSignal, Receiver] = {
-            signals.on_message_sent: self._sent,
-            signals.on_message_processed: self._processed,
-            signals.on_ack: self._ack,
+            signals.on_events_batched: self._batch,
+            signals.on_ack_late: self._ack_late,
             signals.on_ack_timeout: self._ack_timeout,
             signals.on_ack_failed: self._ack_failed,
             signals.on_send_rejected: self._send_rejected,
@@ -852,26 +857,32 @@ class MetricsPlugin(Plugin):
         if role in ("server", "client"):
             self._tallies.seed(role)
 
-    def _sent(self, sender: Any, event: MessageSent) -> None:
-        self._tallies.sent[(event.role, event.broadcast, None)] += 1
-
-    def _processed(self, sender: Any, event: MessageProcessed) -> None:
+    def _batch(self, sender: Any, event: EventsBatched) -> None:
+        """The per-message steps, a loop pass's worth at a time."""
+        step = event.step
         t = self._tallies
         role = event.role
-        t.consumed[role] += 1
-        t.process_duration.record(
-            event.processing_time, t.messaging("process", role, event.error_type)
-        )
+        rows = event.rows
+        if step == "message.sent":
+            broadcast = sum(1 for row in rows if row[_SENT_BROADCAST])
+            if broadcast:
+                t.sent[(role, True, None)] += broadcast
+            if broadcast < len(rows):
+                t.sent[(role, False, None)] += len(rows) - broadcast
+        elif step == "message.processed":
+            t.consumed[role] += len(rows)
+            record = t.process_duration.record
+            for row in rows:
+                record(row[_PROCESSED_TIME], t.messaging("process", role, row[_PROCESSED_ERROR]))
+        elif step == "ack.received":
+            for row in rows:
+                error = row[_ACK_ERROR]
+                latency = row[_ACK_LATENCY]
+                t.operation_duration.record(latency, t.messaging("send", role, error))
+                t.ack_duration.record(latency, t.own(role, error))
 
-    def _ack(self, sender: Any, event: Event) -> None:
-        t = self._tallies
-        if type(event) is AckReceived:
-            role = event.role
-            error = event.error_type
-            t.operation_duration.record(event.latency, t.messaging("send", role, error))
-            t.ack_duration.record(event.latency, t.own(role, error))
-        elif type(event) is LateAckDropped:
-            t.ack_late[event.role] += 1
+    def _ack_late(self, sender: Any, event: LateAckDropped) -> None:
+        self._tallies.ack_late[event.role] += 1
 
     def _ack_timeout(self, sender: Any, event: AckTimedOut) -> None:
         t = self._tallies

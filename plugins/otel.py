@@ -437,6 +437,7 @@ class TracingPlugin(Plugin):
             signals.on_send_rejected: self._on_rejected,
             signals.on_message_processed: self._on_processed,
             signals.on_ack: self._on_ack,
+            signals.on_ack_late: self._on_ack,
             signals.on_ack_timeout: self._on_timeout,
             signals.on_ack_failed: self._on_failed,
         }

@@ -3,15 +3,21 @@ same as validated ones: same class, fields, JSON, immutability."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from backbone import signals
 from backbone.events import (
+    BATCHED_KINDS,
     EVENT_TYPES,
+    STEP_FIELDS,
     AckReceived,
     AckSent,
+    EventsBatched,
+    LateAckDropped,
     MessageProcessed,
     MessageReceived,
     MessageSent,
@@ -94,3 +100,92 @@ async def test_what_the_core_builds_validates(make_server, make_client, events):
         "ack.received",
     }
     assert checked >= 10
+
+
+async def test_batches_carry_the_same_steps_as_the_events(make_server, make_client, events):
+    """With a batch receiver and per-step receivers both listening, every per-message
+    step of a real exchange is in exactly one batch, and the batch rebuilds its event
+    field for field (same seq and at); a batch holds one kind, role and client."""
+    batches: list[EventsBatched] = []
+
+    def on_batch(sender: Any, event: EventsBatched) -> None:
+        batches.append(event)
+
+    signals.on_events_batched.connect(on_batch, weak=False)
+    try:
+        async with make_server() as server:
+            server.handler(lambda m: {"ok": 1})
+            client = make_client("dev-1", server.port)
+            client.handler(lambda m: m.payload)
+            async with client:
+                await client.wait_connected(5)
+                assert await server.send_to("dev-1", {"a": 1}, wait_ack=True) == {"a": 1}
+                for i in range(20):
+                    await server.send_to("dev-1", i)
+                assert await client.send([1, 2], wait_ack=True) == {"ok": 1}
+                await events.wait("message.processed", role="client", wait_ack=False)
+                await events.wait("message.processed", role="server")
+            signals.flush_steps()
+    finally:
+        signals.on_events_batched.disconnect(on_batch)
+    steps = [e for e in events.items if e.kind in BATCHED_KINDS]
+    rebuilt = [e for b in batches for e in b.events()]
+    assert {e.kind for e in steps} == BATCHED_KINDS
+    assert sorted(rebuilt, key=lambda e: e.seq) == sorted(steps, key=lambda e: e.seq)
+    for b in batches:
+        assert b.step in BATCHED_KINDS and b.n >= 1 and b.fields == STEP_FIELDS[b.step]
+        assert [e.seq for e in b.events()] == sorted(e.seq for e in b.events())
+        assert all(e.role == b.role and e.__dict__["client_id"] == b.client_id for e in b.events())
+        assert b.records() == [e.__dict__ for e in b.events()]
+        assert b.column("msg_id") == tuple(e.msg_id for e in b.events())  # type: ignore[attr-defined]
+        assert EventsBatched.of(b.events()).rows == b.rows
+    assert not any(e.kind == "events.batched" for e in events.items)  # never on on_event
+    # twenty one-way messages sent in one pass make one batch on the server
+    assert any(b.step == "message.sent" and b.n >= 20 for b in batches)
+
+
+async def test_batches_without_step_receivers_match_what_the_events_would_be(
+    make_server, make_client
+):
+    """With only a batch receiver, the core builds rows and no per-step event; the rows
+    still validate as the step's event."""
+    batches: list[EventsBatched] = []
+    built: list[Any] = []
+    signals.on_events_batched.connect(lambda s, event: batches.append(event), weak=False)
+    try:
+        assert not signals.wants(signals.on_message_sent)
+        async with make_server() as server:
+            client = make_client("dev-1", server.port)
+            client.handler(lambda m: m.payload)
+            async with client:
+                await client.wait_connected(5)
+                assert await server.send_to("dev-1", {"a": 1}, wait_ack=True) == {"a": 1}
+                await server.send_to("dev-1", "x", headers={"h": "v"})
+                for _ in range(100):
+                    signals.flush_steps()
+                    if sum(b.n for b in batches if b.step == "message.processed") >= 2:
+                        break
+                    await asyncio.sleep(0.01)
+    finally:
+        signals.on_events_batched.receivers.clear()
+    for b in batches:
+        for e in b.events():
+            again = type(e).model_validate(e.model_dump(), strict=True)
+            assert again == e
+            built.append(e)
+    kinds = {e.kind for e in built}
+    assert kinds == BATCHED_KINDS
+    sent = [e for e in built if e.kind == "message.sent"]
+    assert [e.headers for e in sent][-1] == {"h": "v"}  # type: ignore[attr-defined]
+    assert len({e.seq for e in built}) == len(built)
+
+
+def test_batch_of_refuses_mixed_steps():
+    a = MessageSent.unchecked(**SAMPLES[MessageSent])
+    b = MessageSent.unchecked(**{**SAMPLES[MessageSent], "client_id": "other"})
+    with pytest.raises(ValueError, match="one kind, role and client"):
+        EventsBatched.of([a, b])
+    with pytest.raises(ValueError, match="not a batched kind"):
+        EventsBatched.of([LateAckDropped.unchecked(role="server", msg_id=MID, client_id="c")])
+    with pytest.raises(ValueError, match="at least one"):
+        EventsBatched.of([])

@@ -10,6 +10,13 @@ from backbone.events import EVENT_TYPES
 
 SOURCE = Path(__file__).resolve().parent.parent / "backbone"
 EMIT = re.compile(r"signals\.emit\(\s*signals\.(on_\w+),\s*[^,]+,\s*(\w+)(?:\.\w+)?\(", re.S)
+# the per-message steps: ``name = Class.unchecked(...)``, then
+# ``signals.emit_step(signal, owner, name)``
+EMIT_STEP = re.compile(
+    r"(\w+) = (\w+)\.unchecked\((?:(?!\.unchecked\().)*?"
+    r"signals\.emit_step\(signals\.(on_\w+), [^,]+, \1\)",
+    re.S,
+)
 
 
 def test_every_kind_has_a_signal():
@@ -28,4 +35,14 @@ def test_emit_calls_agree_with_the_map():
                 f"{path.name}: {class_name} emitted on {signal_name}"
             )
             seen += 1
-    assert seen >= len(EVENT_TYPES)  # every kind is emitted somewhere, some in two places
+        for _name, class_name, signal_name in EMIT_STEP.findall(path.read_text()):
+            cls = getattr(events, class_name)
+            kind = cls.model_fields["kind"].default
+            assert kind in events.BATCHED_KINDS
+            assert signals.SIGNAL_OF_KIND[kind] is getattr(signals, signal_name), (
+                f"{path.name}: {class_name} emitted on {signal_name}"
+            )
+            seen += 1
+    # every kind is emitted somewhere (some in two places); batches by signals.flush_steps
+    assert seen >= len(EVENT_TYPES) - 1
+    assert signals.SIGNAL_OF_KIND["events.batched"] is signals.on_events_batched

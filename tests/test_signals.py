@@ -1,10 +1,12 @@
 """The bus delivers each event to the receivers connected at that moment, although it
 caches routes per (signal, sender); a failing receiver is isolated and counted."""
 
+import asyncio
 import gc
+from typing import Any
 
 from backbone import signals
-from backbone.events import Connected
+from backbone.events import Connected, MessageSent, next_seq
 
 
 class Sender:
@@ -122,3 +124,134 @@ def test_a_failing_receiver_is_counted_then_disconnected(caplog):
         signals.on_connected.disconnect(broken)
         signals.on_connected.disconnect(fine)
         signals.receiver_failures.pop(name, None)
+
+
+# --- batches of per-message steps --------------------------------------------------------
+
+
+def sent_row(i: int) -> tuple:
+    return (next_seq(), 1000.0 + i, f"{i:032x}", 10, False, False, None)
+
+
+class Batches:
+    """A batch receiver that also notes every other event, in delivery order."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    def __call__(self, sender: Any, event: Any) -> None:
+        self.got.append(event)
+
+    def __enter__(self) -> "Batches":
+        signals.on_events_batched.connect(self, weak=False)
+        signals.on_connected.connect(self, weak=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signals.flush_steps()
+        signals.on_events_batched.disconnect(self)
+        signals.on_connected.disconnect(self)
+
+
+async def test_steps_of_a_loop_pass_become_one_batch_per_client_and_kind():
+    a = Sender()
+    with Batches() as rec:
+        for i in range(5):
+            signals.add_step(a, "server", "c1", "message.sent", sent_row(i))
+            signals.add_step(a, "server", "c2", "message.sent", sent_row(100 + i))
+        assert rec.got == []  # not before the end of the pass
+        await asyncio.sleep(0)
+        assert [(b.client_id, b.step, b.n) for b in rec.got] == [
+            ("c1", "message.sent", 5),
+            ("c2", "message.sent", 5),
+        ]
+        assert [e.at for e in rec.got[0].events()] == [1000.0 + i for i in range(5)]
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(9))
+        await asyncio.sleep(0)
+        assert [b.n for b in rec.got] == [5, 5, 1]  # a new pass, a new batch
+
+
+async def test_another_event_delivers_the_pending_batches_first():
+    a = Sender()
+    with Batches() as rec:
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(1))
+        signals.emit(signals.on_connected, a, connected("c1"))
+        assert [e.kind for e in rec.got] == ["events.batched", "connected"]
+        await asyncio.sleep(0)
+        assert len(rec.got) == 2  # nothing left for the end of the pass
+
+
+def test_outside_a_loop_each_step_is_delivered_at_once():
+    a = Sender()
+    with Batches() as rec:
+        signals.add_step(a, "client", "c1", "message.sent", sent_row(1))
+        assert [(b.role, b.n) for b in rec.got] == [("client", 1)]
+
+
+def test_steps_left_by_a_loop_that_stopped_go_out_with_the_next_loops():
+    a = Sender()
+    with Batches() as rec:
+        first = asyncio.new_event_loop()
+
+        async def add_in_the_last_pass() -> None:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(signals.add_step, a, "server", "c1", "message.sent", sent_row(1))
+
+        try:
+            first.run_until_complete(add_in_the_last_pass())
+        finally:
+            first.close()
+        assert rec.got == []  # the flush scheduled on the stopped loop never ran
+
+        async def later() -> None:
+            signals.add_step(a, "server", "c1", "message.sent", sent_row(2))
+            await asyncio.sleep(0)
+
+        asyncio.run(later())
+        assert [b.n for b in rec.got] == [2]
+
+
+async def test_a_failing_batch_receiver_is_isolated_and_batches_skip_on_event():
+    a = Sender()
+    everything: list[Any] = []
+
+    def broken(sender: Any, event: Any) -> None:
+        raise RuntimeError("batch bug")
+
+    def on_all(sender: Any, event: Any) -> None:
+        everything.append(event)
+
+    name = signals.receiver_name(broken)
+    signals.on_event.connect(on_all, weak=False)
+    signals.on_events_batched.connect(broken, weak=False)
+    try:
+        with Batches() as rec:
+            signals.add_step(a, "server", "c1", "message.sent", sent_row(1))
+            await asyncio.sleep(0)
+            assert [b.n for b in rec.got] == [1]  # delivered to the others
+        assert signals.receiver_failures[name] == 1
+        assert everything == []  # batches are not "every event": on_event had the steps
+    finally:
+        signals.on_events_batched.disconnect(broken)
+        signals.on_event.disconnect(on_all)
+        signals.receiver_failures.pop(name, None)
+
+
+def test_emit_event_sends_a_step_both_ways():
+    a = Sender()
+    single: list[Any] = []
+
+    def on_sent(sender: Any, event: Any) -> None:
+        single.append(event)
+
+    signals.on_message_sent.connect(on_sent, weak=False)
+    try:
+        with Batches() as rec:
+            event = MessageSent(
+                role="server", msg_id="ab" * 16, client_id="c1", size=1, wait_ack=False
+            )
+            signals.emit_event(a, event)
+            assert single == [event]
+            assert rec.got[0].events() == [event]
+    finally:
+        signals.on_message_sent.disconnect(on_sent)

@@ -56,7 +56,7 @@ def sent(cid: str, at: float, role: Role = "server") -> MessageSent:
 
 
 def emit(sender: object, event: Event) -> None:
-    signals.emit(signals.SIGNAL_OF_KIND[event.kind], sender, event)
+    signals.emit_event(sender, event)  # per-message kinds go in batches, as from the core
 
 
 @contextlib.asynccontextmanager
@@ -667,7 +667,7 @@ p = HistoryPlugin(sys.argv[1], batch=20, retention_every=0, max_age=None)
 s = object()
 p.install(s)
 for i in range(int(sys.argv[2])):
-    signals.on_message_sent.send(s, event=MessageSent(role="server", msg_id="ab" * 16,
+    signals.emit_event(s, MessageSent(role="server", msg_id="ab" * 16,
                  client_id="proc", size=1, wait_ack=False, at=float(i)))
 assert p.flush(30)
 assert p.stats()["failed_batches"] == 0, p.stats()
@@ -762,8 +762,9 @@ async def test_a_failing_receiver_never_disturbs_delivery(
         raise RuntimeError("reducer bug")
 
     monkeypatch.setattr(history_mod, "fold", broken)
+    monkeypatch.setattr(history_mod, "fold_batch", broken)
     plugin = HistoryPlugin(db)
-    name = signals.receiver_name(plugin._on_event)
+    name = signals.receiver_name(plugin._on_batch)  # the per-message steps come in batches
     before = signals.receiver_failures[name]
     try:
         async with make_server(plugins=[plugin]) as server:
@@ -800,13 +801,16 @@ def test_live_views_of_departed_clients_are_forgotten(installed):
 
 def test_kinds_choose_what_is_stored_and_what_is_built(db):
     """By default ``message.received`` is not stored (``message.processed`` is), so with
-    only this plugin installed that event is never even built; ``kinds=`` adds it back."""
+    only this plugin installed that event is never even built; ``kinds=`` adds it back.
+    The per-message kinds come in batches: no per-step event is built for this plugin."""
     sender = object()
     default = HistoryPlugin(db)
     default.install(sender)
     try:
         assert not signals.wants(signals.on_message_received)
-        assert signals.wants(signals.on_message_processed) and signals.wants(signals.on_heartbeat)
+        assert not signals.wants(signals.on_message_processed)
+        assert not signals.wants(signals.on_message_sent) and not signals.wants(signals.on_ack)
+        assert signals.batching() and signals.wants(signals.on_heartbeat)
         assert not signals.on_event.receivers
     finally:
         default.close()
@@ -814,7 +818,7 @@ def test_kinds_choose_what_is_stored_and_what_is_built(db):
     assert chosen.kinds == {"message.sent", "message.received", "message.processed", "connected"}
     chosen.install(sender)
     try:
-        assert signals.wants(signals.on_message_received)
+        assert signals.batching()
         assert not signals.wants(signals.on_ack)
         received = MessageReceived(role="client", msg_id=MSG, client_id="c", size=1, wait_ack=False)
         emit(sender, received)
@@ -849,6 +853,9 @@ async def test_on_an_event_loop_events_are_packed_there_and_the_writer_only_writ
         emit(s, e)
         if i % 100 == 99:
             await asyncio.sleep(0)  # a loop pass: what was recorded is packed
+    # the steps of a pass reach the plugin as batches at its end; with pack_delay=0 the
+    # pack is in the pass after
+    await asyncio.sleep(0)
     assert await asyncio.to_thread(plugin.flush, 10)
     assert packed_on == {threading.get_ident()}
     assert plugin.count() == 2500
@@ -872,6 +879,7 @@ async def test_packing_that_fails_on_the_loop_is_retried_by_the_writer(installed
     events = [sent("c1", 10.0 + i / 100) for i in range(50)]
     for e in events:
         emit(s, e)
+    await asyncio.sleep(0)  # the pass's batches reach the plugin
     await asyncio.sleep(0)  # the pass's pack: it fails, the records go over unpacked
     assert await asyncio.to_thread(plugin.flush, 10)
     assert calls[0] == threading.get_ident() and calls[1] != threading.get_ident()
@@ -885,9 +893,12 @@ def test_a_pack_left_on_a_loop_that_stopped_does_not_strand_later_events(install
     plugin, s = installed(pack_delay=0)
     first = asyncio.new_event_loop()
 
+    connected = Connected(role="server", client_id="c1", session_id="s", peer="p", at=1.0)
+
     async def emit_in_the_last_pass() -> None:
         # the emit runs in the pass that also stops the loop: its pack never runs
-        asyncio.get_running_loop().call_soon(emit, s, sent("c1", 1.0))
+        # (a connection event: recorded at once, not in a batch at the end of the pass)
+        asyncio.get_running_loop().call_soon(emit, s, connected)
 
     try:
         first.run_until_complete(emit_in_the_last_pass())

@@ -249,7 +249,8 @@ def test_message_lines_can_have_their_own_level(caplog):
 
 def test_message_events_are_not_built_for_a_logger_that_would_drop_them(caplog):
     """By default per-message lines are DEBUG; with the logger at INFO the plugin does
-    not subscribe to message.sent / message.received, so the core builds neither."""
+    not subscribe to the per-message steps (message.sent, message.received, acks), so
+    the core builds neither their events nor their batches."""
     from backbone import signals
 
     sender = object()
@@ -259,13 +260,16 @@ def test_message_events_are_not_built_for_a_logger_that_would_drop_them(caplog):
     try:
         assert not signals.wants(signals.on_message_received)
         assert not signals.wants(signals.on_message_sent)
+        assert not signals.wants(signals.on_ack) and not signals.batching()
         assert signals.wants(signals.on_connected) and signals.wants(signals.on_ack_timeout)
+        assert signals.wants(signals.on_ack_late)
     finally:
         quiet.uninstall(sender)
     loud = LoggingPlugin(message_level="INFO")
     loud.install(sender)
     try:
-        assert signals.wants(signals.on_message_received) and signals.wants(signals.on_message_sent)
+        assert signals.batching()  # the per-message lines come from batches
+        assert not signals.wants(signals.on_message_sent)
     finally:
         loud.uninstall(sender)
 
