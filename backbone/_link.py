@@ -32,6 +32,7 @@ from .errors import (
     reject_reason,
 )
 from .events import (
+    SEQUENCE,
     AckFailed,
     AckReceived,
     AckSent,
@@ -43,7 +44,6 @@ from .events import (
     ProtocolViolated,
     Role,
     SendRejected,
-    next_seq,
 )
 from .frames import (
     FLAG_ERROR,
@@ -470,6 +470,8 @@ class Link:
         self.config = config
         self.client_id = client_id
         self.session_id = session_id
+        #: per-message steps of this loop pass, by kind, not yet delivered (see _step)
+        self.pending_steps: dict[str, list[tuple[Any, ...]]] | None = None
         self.opened_at = now
         self.max_payload_in = config.max_payload
         self.max_payload_out = min(config.max_payload, peer_max_payload)
@@ -578,14 +580,25 @@ class Link:
         elif signals.batching():
             self._step(
                 "message.sent",
-                (next_seq(), time.time(), msg_id.hex(), size, wait_ack, broadcast, headers),
+                (next(SEQUENCE), time.time(), msg_id.hex(), size, wait_ack, broadcast, headers),
             )
         return fut
 
     def _step(self, kind: str, row: tuple[Any, ...]) -> None:
         """A per-message step for :data:`signals.on_events_batched` (``row``: its
-        values of ``STEP_FIELDS[kind]``, in that order)."""
-        signals.add_step(self.owner, self.role, self.client_id, kind, row)
+        values of ``STEP_FIELDS[kind]``, in that order).  The link is its own step
+        source (:class:`signals.StepSource`); ``signals.add_step`` is the same with a
+        lookup more per step."""
+        pending = self.pending_steps
+        if pending is None:
+            self.pending_steps = {kind: [row]}
+            signals.steps_from(self)
+            return
+        rows = pending.get(kind)
+        if rows is None:
+            pending[kind] = [row]
+        else:
+            rows.append(row)
 
     def send_control(self, frame: bytes) -> None:
         """Queue a control frame (GOAWAY) behind what is queued, and transmit now."""
@@ -657,7 +670,7 @@ class Link:
         elif signals.batching():
             self._step(
                 "message.received",
-                (next_seq(), time.time(), msg.msg_id, len(df.body), wait_ack, df.headers),
+                (next(SEQUENCE), time.time(), msg.msg_id, len(df.body), wait_ack, df.headers),
             )
         inbox.append(msg)
         wakeup = self._wakeup
@@ -723,7 +736,7 @@ class Link:
             self._step(
                 "ack.received",
                 (
-                    next_seq(),
+                    next(SEQUENCE),
                     time.time(),
                     df.msg_id.hex(),
                     error_type is None,
@@ -834,7 +847,7 @@ class Link:
             self._step(
                 "message.processed",
                 (
-                    next_seq(),
+                    next(SEQUENCE),
                     time.time(),
                     msg.msg_id,
                     msg.wait_ack,
@@ -883,7 +896,7 @@ class Link:
             self._step(
                 "ack.sent",
                 (
-                    next_seq(),
+                    next(SEQUENCE),
                     time.time(),
                     msg.msg_id,
                     error is None,

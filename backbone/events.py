@@ -26,6 +26,8 @@ def _next_seq() -> int:
 
 #: the next ``seq`` (for a batched step's row, built without its event)
 next_seq = _next_seq
+#: the counter behind ``seq`` (``next(SEQUENCE)``: :func:`next_seq` without a call)
+SEQUENCE = _seq
 
 
 _E = TypeVar("_E", bound="Event")

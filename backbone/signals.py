@@ -26,7 +26,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from blinker import NamedSignal, Namespace
 
@@ -222,7 +222,7 @@ def emit(signal: NamedSignal, sender: Any, event: Event) -> None:
     """Deliver ``event`` to ``signal``'s receivers and to ``on_event``'s, isolated.
     Steps batched so far on this thread are delivered first (:func:`flush_steps`), so a
     batch receiver sees a client's steps before, say, its ``disconnected``."""
-    if _steps.pending:
+    if _steps.sources:
         flush_steps()
     emit_step(signal, sender, event)
 
@@ -246,15 +246,46 @@ def emit_step(signal: NamedSignal, sender: Any, event: Event) -> None:
 # --- batches of per-message steps ------------------------------------------------------------
 #
 # For the kinds of events.BATCHED_KINDS the core adds each step as a row (a tuple of its
-# fields) to a per-thread table keyed by (sender, role, client, kind); at the end of the
-# event-loop pass (one call_soon per pass) every key becomes one EventsBatched, delivered
-# on on_events_batched.  Building a row costs a tuple; building and delivering an event
-# per step cost several microseconds between a real connection's messages.
+# fields) to its *step source* - the Link of one connection: a dict of rows by kind, in
+# ``pending_steps`` - and registers the source with this thread's table at its first step
+# of a loop pass.  At the end of the pass (one call_soon per pass) each source's rows of
+# each kind become one EventsBatched, delivered on on_events_batched.  Building a row
+# costs a tuple; building and delivering an event per step cost several microseconds
+# between a real connection's messages.
+
+
+class StepSource(Protocol):
+    """What gathers the steps of one sender for one client (the core's ``Link``)."""
+
+    pending_steps: dict[str, list[tuple[Any, ...]]] | None
+
+    @property
+    def owner(self) -> Any: ...  # the sender of the batches
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def client_id(self) -> str: ...
+
+
+class _AdHocSource:
+    """A step source for :func:`add_step` callers that have none of their own."""
+
+    __slots__ = ("client_id", "owner", "pending_steps", "role")
+
+    def __init__(self, owner: Any, role: str, client_id: str) -> None:
+        self.owner = owner
+        self.role = role
+        self.client_id = client_id
+        self.pending_steps: dict[str, list[tuple[Any, ...]]] | None = None
 
 
 class _Steps(threading.local):
     def __init__(self) -> None:
-        self.pending: dict[tuple[Any, str, str, str], list[tuple[Any, ...]]] = {}
+        #: sources with steps not yet delivered, in the order of their first step
+        self.sources: list[StepSource] = []
+        self.adhoc: dict[tuple[Any, str, str], _AdHocSource] = {}
         self.scheduled_on: asyncio.AbstractEventLoop | None = None
 
 
@@ -269,22 +300,39 @@ def batching() -> bool:
     return bool(on_events_batched.receivers)
 
 
-def add_step(sender: Any, role: str, client_id: str, kind: str, row: tuple[Any, ...]) -> None:
-    """Add one step (``row``: its values of :data:`~backbone.events.STEP_FIELDS`
-    ``[kind]``) to the batch of ``sender``, ``role``, ``client_id`` and ``kind``; the
-    batches go out at the end of this event-loop pass, or at once outside a running
-    loop."""
-    pending = _steps.pending
-    key = (sender, role, client_id, kind)
-    rows = pending.get(key)
-    if rows is not None:
-        rows.append(row)
-    else:
-        pending[key] = [row]
+def steps_from(source: StepSource) -> None:
+    """``source`` has its first pending step (its ``pending_steps`` was None): deliver
+    its batches at the end of this loop pass (at once outside a running loop).  The
+    core's ``Link._step`` is the hot path: it adds rows itself and calls this once per
+    pass; :func:`add_step` is the same for any sender."""
+    _steps.sources.append(source)
     loop = _running_loop()
     if loop is None:
         flush_steps()
     elif _steps.scheduled_on is not loop:  # once per pass; again if that loop stopped
+        _steps.scheduled_on = loop
+        loop.call_soon(_flush_when_due)
+
+
+def add_step(sender: Any, role: str, client_id: str, kind: str, row: tuple[Any, ...]) -> None:
+    """Add one step (``row``: its values of :data:`~backbone.events.STEP_FIELDS`
+    ``[kind]``) to the batch of ``sender``, ``role``, ``client_id`` and ``kind``; the
+    batches go out at the end of this event-loop pass, or at once outside a running
+    loop.  (The core's links do the same with less work per step.)"""
+    key = (sender, role, client_id)
+    source = _steps.adhoc.get(key)
+    if source is None or source.pending_steps is None:
+        source = _steps.adhoc[key] = _AdHocSource(sender, role, client_id)
+        source.pending_steps = {kind: [row]}
+        steps_from(source)
+        return
+    rows = source.pending_steps.get(kind)
+    if rows is None:
+        source.pending_steps[kind] = [row]
+    else:
+        rows.append(row)
+    loop = _running_loop()
+    if loop is not None and _steps.scheduled_on is not loop:  # left by a loop that stopped
         _steps.scheduled_on = loop
         loop.call_soon(_flush_when_due)
 
@@ -318,14 +366,24 @@ def row_of(event: Event) -> tuple[Any, ...]:
 def flush_steps() -> None:
     """Deliver this thread's pending batches now (plugins' ``flush`` call it; so does
     :func:`emit` before any other event)."""
-    pending = _steps.pending
-    if not pending:
+    sources = _steps.sources
+    if not sources:
         return
-    _steps.pending = {}
-    if not on_events_batched.receivers:
-        return
-    for (sender, role, client_id, kind), rows in pending.items():
-        batch = EventsBatched.unchecked(
-            role=role, step=kind, client_id=client_id, fields=STEP_FIELDS[kind], rows=tuple(rows)
-        )
-        _deliver(on_events_batched, sender, batch)
+    _steps.sources = []
+    _steps.adhoc = {}
+    deliver = bool(on_events_batched.receivers)
+    for source in sources:
+        pending = source.pending_steps
+        source.pending_steps = None
+        if not deliver or not pending:
+            continue
+        owner, role, client_id = source.owner, source.role, source.client_id
+        for kind, rows in pending.items():
+            batch = EventsBatched.unchecked(
+                role=role,
+                step=kind,
+                client_id=client_id,
+                fields=STEP_FIELDS[kind],
+                rows=tuple(rows),
+            )
+            _deliver(on_events_batched, owner, batch)

@@ -7,7 +7,7 @@ window, includes the work they defer (history's packing).  A stand-in sender (a
 :class:`backbone.Server` that is never started, so its plugins install as they would)
 emits the per-message steps the core emits for a one-way message on each side, the way
 the core does (an ``Event.unchecked`` per step for per-step receivers, a row per step for
-batch receivers, ``signals.add_step``): ``message.sent`` (server) and ``message.received`` +
+batch receivers, as ``Link._step`` adds it): ``message.sent`` (server) and ``message.received`` +
 ``message.processed`` (client), ``--n`` of each.  Reported per message and per side,
 in CPU microseconds:
 
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from backbone import Client, Server, signals
-from backbone.events import MessageProcessed, MessageReceived, MessageSent, next_seq
+from backbone.events import SEQUENCE, MessageProcessed, MessageReceived, MessageSent
 from backbone.plugins import Plugin
 
 #: messages emitted per event-loop pass (``bench/single_connection.py`` sends 64 a pass)
@@ -55,6 +55,28 @@ def _thread_cpu() -> dict[int, float]:
         with contextlib.suppress(OSError):  # the thread ended meanwhile
             out[t.ident] = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
     return out
+
+
+class Steps:
+    """A step source as the core's ``Link`` is one (``Link._step``, copied)."""
+
+    def __init__(self, owner: Any, role: str, client_id: str) -> None:
+        self.owner = owner
+        self.role = role
+        self.client_id = client_id
+        self.pending_steps: dict[str, list[tuple[Any, ...]]] | None = None
+
+    def step(self, kind: str, row: tuple[Any, ...]) -> None:
+        pending = self.pending_steps
+        if pending is None:
+            self.pending_steps = {kind: [row]}
+            signals.steps_from(self)
+            return
+        rows = pending.get(kind)
+        if rows is None:
+            pending[kind] = [row]
+        else:
+            rows.append(row)
 
 
 def make_plugins(config: str, work: Path) -> list[Plugin]:
@@ -95,6 +117,8 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
     for p in client_plugins:
         p.install(client)
     headers: dict[str, str] = {}
+    server_steps = Steps(server, "server", "c-1")
+    client_steps = Steps(client, "client", "c-1")
     loop_ident = threading.get_ident()
     out: dict[str, Any] = {"config": config}
     try:
@@ -118,16 +142,11 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                         )
                         signals.emit_step(signals.on_message_sent, server, sent)
                         if signals.batching():
-                            signals.add_step(
-                                server, "server", "c-1", "message.sent", signals.row_of(sent)
-                            )
+                            server_steps.step("message.sent", signals.row_of(sent))
                     elif signals.batching():
-                        signals.add_step(
-                            server,
-                            "server",
-                            "c-1",
+                        server_steps.step(
                             "message.sent",
-                            (next_seq(), time.time(), msg_id, 200, False, False, headers),
+                            (next(SEQUENCE), time.time(), msg_id, 200, False, False, headers),
                         )
                     continue
                 if signals.wants(signals.on_message_received):
@@ -141,16 +160,11 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                     )
                     signals.emit_step(signals.on_message_received, client, received)
                     if signals.batching():
-                        signals.add_step(
-                            client, "client", "c-1", "message.received", signals.row_of(received)
-                        )
+                        client_steps.step("message.received", signals.row_of(received))
                 elif signals.batching():
-                    signals.add_step(
-                        client,
-                        "client",
-                        "c-1",
+                    client_steps.step(
                         "message.received",
-                        (next_seq(), time.time(), msg_id, 200, False, headers),
+                        (next(SEQUENCE), time.time(), msg_id, 200, False, headers),
                     )
                 started = time.time()
                 if signals.wants(signals.on_message_processed):
@@ -167,17 +181,12 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                     )
                     signals.emit_step(signals.on_message_processed, client, processed)
                     if signals.batching():
-                        signals.add_step(
-                            client, "client", "c-1", "message.processed", signals.row_of(processed)
-                        )
+                        client_steps.step("message.processed", signals.row_of(processed))
                 elif signals.batching():
-                    signals.add_step(
-                        client,
-                        "client",
-                        "c-1",
+                    client_steps.step(
                         "message.processed",
                         (
-                            next_seq(),
+                            next(SEQUENCE),
                             time.time(),
                             msg_id,
                             False,
