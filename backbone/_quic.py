@@ -167,9 +167,9 @@ class QuicEndpoint(QuicConnectionProtocol):
     aioquic reports the end of the connection.
     """
 
-    #: a server connection read by a :class:`SocketReader`: the connections that received
-    #: a datagram in the current batch, transmitted once each at its end (None: transmit
-    #: after every datagram, as aioquic does)
+    #: a connection read by a :class:`SocketReader` (the server's, or a client's own): the
+    #: connections that received a datagram in the current batch, transmitted once each
+    #: at its end (None: transmit after every datagram, as aioquic does)
     _batch: list[QuicEndpoint] | None = None
     _in_batch = False
 
@@ -206,6 +206,15 @@ class QuicEndpoint(QuicConnectionProtocol):
 
     def ping_acknowledged(self, uid: int) -> None:
         """The peer acknowledged the packet that carried :meth:`request_ack` ``uid``."""
+
+    def end_batch(self) -> None:
+        """A client connection read by its own :class:`SocketReader`: the reader's batch
+        of datagrams is done; transmit once for all of them."""
+        batch = self._batch
+        if batch:
+            batch.clear()
+            self._in_batch = False
+            self.transmit()
 
     # --- aioquic plumbing -----------------------------------------------------------
     def quic_event_received(self, event: QuicEvent) -> None:
@@ -541,14 +550,16 @@ def _enable_timestamps(sock: socket.socket) -> bool:
 
 
 class SocketReader:
-    """Reads the server's UDP socket in place of asyncio's own reader.
+    """Reads a UDP socket (the server's, and each client connection's) in place of
+    asyncio's own reader.
 
     CPython's ``_SelectorDatagramTransport._read_ready`` reads **one** datagram per
     event-loop pass, so a loop busy with other work starves its own socket: datagrams
     queue in the kernel for seconds.  This reader drains the socket each time it is
     readable, up to ``budget`` datagrams or ``time_budget`` seconds per callback.
 
-    On Linux the kernel stamps each datagram's arrival, so the reader knows how long each
+    On Linux the kernel stamps each datagram's arrival (unless ``timestamps`` is False:
+    a client neither drops nor reports late datagrams), so the reader knows how long each
     one ``waited`` in the socket.  A datagram that waited longer than ``max_wait`` is
     dropped unread (0: never): its sender has retransmitted anything that mattered by then,
     and reading stale datagrams is how a server stays behind.  ``late_at`` is the last
@@ -570,6 +581,7 @@ class SocketReader:
         time_budget: float = READ_TIME_BUDGET,
         max_wait: float = 0.0,
         late_after: float = math.inf,
+        timestamps: bool = True,
     ) -> None:
         self._transport = transport
         self._protocol = protocol
@@ -579,7 +591,7 @@ class SocketReader:
         self.time_budget = time_budget
         self.max_wait = max_wait
         self.late_after = late_after
-        self.timestamps = _enable_timestamps(self._sock)
+        self.timestamps = _enable_timestamps(self._sock) if timestamps else False
         #: how long the datagram being handled waited in the socket (0 if unknown)
         self.waited = 0.0
         self.late_at = -math.inf
@@ -952,6 +964,12 @@ async def open_connection(
         lambda: create_protocol(connection), sock=sock
     )
     assert isinstance(protocol, QuicEndpoint)
+    if isinstance(loop, selector_events.BaseSelectorEventLoop) and hasattr(transport, "_sock"):
+        # drain the socket per readiness and transmit once per batch, as the server does:
+        # one datagram per loop pass cost a pass, a handler wake-up and a transmit (an
+        # ACK) per datagram of a busy connection
+        protocol._batch = []
+        SocketReader(transport, protocol, timestamps=False)
     try:
         protocol.connect(addr)
         await protocol.ready
