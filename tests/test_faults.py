@@ -217,7 +217,7 @@ async def test_a_1000_waitack_over_5_clients_at_20_percent_loss(make_server, mak
         dropped_up=relay.lost["up"],
         dropped_down=relay.lost["down"],
     )
-    assert out["results_ok"] == 1000 and out["wrong"] == 0 and out["errors"] == {}
+    assert out["results_ok"] == 1000 and out["wrong"] == 0 and out["errors"] == {}, out
     for cid in ids:
         assert seen[cid] == list(range(200)), cid  # exactly once, in order
     assert share >= 0.95  # SC-008
@@ -329,7 +329,7 @@ async def test_a_kernel_loss_20_percent_in_network_namespaces(certs, tmp_path):
         kernel_drops_to_server=drops["to_server"],
         kernel_drops_to_clients=drops["to_clients"],
     )
-    assert out["results_ok"] == 1000 and out["wrong"] == 0 and out["errors"] == {}
+    assert out["results_ok"] == 1000 and out["wrong"] == 0 and out["errors"] == {}, out
     for cid, c in rep["clients"].items():
         assert c["received"] == 200 and c["unique"] == 200 and c["in_order"], (cid, c)
         assert (c["first"], c["last"], c["contiguous"]) == (0, 199, True), (cid, c)
