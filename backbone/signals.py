@@ -14,6 +14,11 @@ A receiver that raises is logged (with its traceback, rate-limited) and counted 
 synchronously on the event loop and must be cheap: slow work belongs on a queue of
 the receiver's own.  Blinker holds receivers weakly by default: connect closures,
 lambdas and bound methods of temporary objects with ``weak=False``.
+
+The per-message steps (``message.sent``, ``message.received``, ``message.processed``,
+``ack.sent``, ``ack.received``) also come in batches on :data:`on_events_batched`: one
+:class:`~backbone.events.EventsBatched` per client, kind and event-loop pass, far
+cheaper per step than an event each (see ``docs/events.md``).
 """
 
 from __future__ import annotations
@@ -332,7 +337,9 @@ def add_step(sender: Any, role: str, client_id: str, kind: str, row: tuple[Any, 
     else:
         rows.append(row)
     loop = _running_loop()
-    if loop is not None and _steps.scheduled_on is not loop:  # left by a loop that stopped
+    if loop is None:  # outside a loop (with steps a stopped loop left): deliver now
+        flush_steps()
+    elif _steps.scheduled_on is not loop:  # steps left by a loop that stopped
         _steps.scheduled_on = loop
         loop.call_soon(_flush_when_due)
 

@@ -209,6 +209,14 @@ def test_steps_left_by_a_loop_that_stopped_go_out_with_the_next_loops():
 
         asyncio.run(later())
         assert [b.n for b in rec.got] == [2]
+        # the same outside any loop: the step left behind goes out with the next one
+        stopped = asyncio.new_event_loop()
+        try:
+            stopped.run_until_complete(add_in_the_last_pass())
+        finally:
+            stopped.close()
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(3))
+        assert [b.n for b in rec.got] == [2, 2]
 
 
 async def test_a_failing_batch_receiver_is_isolated_and_batches_skip_on_event():
