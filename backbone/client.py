@@ -365,6 +365,7 @@ class Client(HandlerOwner, PendingOwner):
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
         for plugin in reversed(self.plugins):
             uninstall_plugin(plugin, self)
 

@@ -41,6 +41,8 @@ from typing import Any, Generic, TypeVar
 
 from blinker import ANY, NamedSignal
 
+from . import signals
+
 log = logging.getLogger("backbone.plugins")
 
 ENTRY_POINT_GROUP = "backbone.plugins"
@@ -75,6 +77,8 @@ class Plugin:
             return
         self._installed.add(key)
         self._senders[key] = sender
+        # per-message steps already taken go to the receivers of their time, not to us
+        signals.flush_steps()
         target = ANY if sender is None else sender
         for signal, receiver in self.receivers().items():
             signal.connect(receiver, sender=target, weak=False)
@@ -86,6 +90,7 @@ class Plugin:
             return
         self._installed.discard(key)
         self._senders.pop(key, None)
+        signals.flush_steps()  # the steps taken while we listened reach us first
         target = ANY if sender is None else sender
         last = not self._installed
         for signal, receiver in self.receivers().items():

@@ -525,6 +525,7 @@ class Server(HandlerOwner, PendingOwner):
                     role="server", host=self.config.host, port=self._port, reason="stopped"
                 ),
             )
+        signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
         for plugin in reversed(self.plugins):
             uninstall_plugin(plugin, self)
 

@@ -242,6 +242,7 @@ def parse_row(data: str | bytes, n: int) -> list[Event]:
 
 
 _KIND = operator.itemgetter("kind")
+_SEQ = operator.itemgetter("seq")
 _AT = operator.itemgetter("at")
 
 
@@ -371,7 +372,7 @@ def rows_of(items: Iterable[Item]) -> list[Row]:
         ):
             rows.extend(_batch_rows(entry))  # type: ignore[arg-type]
             continue
-        item = _flat([entry])
+        item = _run_records(entry)
         first_at = item[0]["at"]
         last_at = max(map(_AT, item))
         if len(item) <= PACK_MAX and last_at - first_at <= PACK_SPAN:
@@ -419,17 +420,31 @@ def _pack_row(run: list[Record], last_at: float) -> Row:
 
 
 def _flat(items: Iterable[Item]) -> list[Record]:
-    """The records of ``items`` (each client and role's in their order)."""
+    """The records of ``items`` (each client and role's in the order they happened)."""
     out: list[Record] = []
     for item in items:
         if type(item) is list:
-            for x in item:
-                if type(x) is EventsBatched:
-                    out.extend(x.records())
-                else:
-                    out.append(x)  # type: ignore[arg-type]
+            out.extend(_run_records(item))
         else:
             out.append(item)  # type: ignore[arg-type]
+    return out
+
+
+def _run_records(run: list[Record | EventsBatched]) -> list[Record]:
+    """A run's records in the order they happened.  A loop pass's batches come one kind
+    after another (all of a client's ``message.processed``, then its ``ack.sent``), so a
+    run holding batches is put back in ``seq`` order: a pack's events, and the ``at``
+    its splitting relies on, then go forward in time."""
+    out: list[Record] = []
+    batches = False
+    for x in run:
+        if type(x) is EventsBatched:
+            out.extend(x.records())
+            batches = True
+        else:
+            out.append(x)  # type: ignore[arg-type]
+    if batches:
+        out.sort(key=_SEQ)
     return out
 
 
@@ -717,6 +732,9 @@ class HistoryPlugin(Plugin):
         # the loop a _pack is scheduled on (None: none is); a different running loop
         # schedules its own, so a loop that stopped first cannot leave events unpacked
         self._pack_due_on: asyncio.AbstractEventLoop | None = None
+        # the loop the last batch came from (flush() from another thread asks it for
+        # the steps it still holds)
+        self._batch_loop: asyncio.AbstractEventLoop | None = None
         self._pack_lock = threading.Lock()  # packs go to the writer in recording order
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
@@ -769,7 +787,7 @@ class HistoryPlugin(Plugin):
     def close(self, timeout: float = 10.0) -> None:
         """Uninstall from every sender, write what is queued and close the connections.
         Queries still work afterwards (they reopen a read connection)."""
-        signals.flush_steps()
+        self._flush_steps(timeout)
         for sender in list(self._senders.values()):
             self.uninstall(sender)
         self._stop_writer(timeout)
@@ -777,6 +795,31 @@ class HistoryPlugin(Plugin):
             if self._rconn is not None:
                 self._rconn.close()
                 self._rconn = None
+
+    def _flush_steps(self, timeout: float) -> None:
+        """Have the per-message steps recorded so far reach the receiver: this thread's
+        (:func:`signals.flush_steps`), and, called from another thread, those still
+        waiting on the event loop the batches came from (delivered there, at most
+        ``timeout`` seconds waited)."""
+        signals.flush_steps()
+        loop = self._batch_loop
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return
+        if asyncio._get_running_loop() is loop:
+            return  # on that loop's thread: done above
+        done = threading.Event()
+
+        def flush_there() -> None:
+            try:
+                signals.flush_steps()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(flush_there)
+        except RuntimeError:  # closed meanwhile
+            return
+        done.wait(timeout)
 
     def _stop_writer(self, timeout: float = 10.0) -> None:
         with self._pack_lock:  # no record is taken after this without a writer
@@ -858,6 +901,7 @@ class HistoryPlugin(Plugin):
         they are; they are only turned into columns when packed."""
         if event.step not in self.kinds:
             return
+        self._batch_loop = asyncio._get_running_loop()
         if event.role == "server":
             cid = event.client_id
             state = self._live.get(cid)
@@ -1040,7 +1084,9 @@ class HistoryPlugin(Plugin):
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait until every event recorded so far is written (or dropped); False on
         timeout.  Do not call it on the event loop with a long timeout."""
-        signals.flush_steps()  # this thread's steps of the current loop pass
+        deadline = time.monotonic() + timeout
+        self._flush_steps(timeout)
+        timeout = max(0.0, deadline - time.monotonic())
         worker = self._worker
         return True if worker is None else self._wait_done(worker, timeout)
 

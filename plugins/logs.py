@@ -323,7 +323,9 @@ class LoggingPlugin(Plugin):
     def log_batch(self, sender: Any, event: EventsBatched) -> None:
         """The receiver of per-message steps: a line for each step of a kind this
         plugin logs (:data:`MESSAGE_KINDS`)."""
-        if event.step not in MESSAGE_KINDS:
+        if event.step not in MESSAGE_KINDS or not self.logger.isEnabledFor(
+            self._levels.get(event.step, self.level)
+        ):
             return
         for step in event.events():
             self.log_event(sender, step)

@@ -263,3 +263,39 @@ def test_emit_event_sends_a_step_both_ways():
             assert rec.got[0].events() == [event]
     finally:
         signals.on_message_sent.disconnect(on_sent)
+
+
+async def test_a_plugin_gets_exactly_the_steps_taken_while_it_is_installed():
+    """Batches are routed when delivered; install and uninstall deliver the pending ones
+    first, so a plugin installed mid-pass does not get earlier steps and one uninstalled
+    mid-pass still gets the steps taken before."""
+    from backbone.plugins import Plugin
+
+    class Steps(Plugin):
+        name = "steps"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.rows: list[int] = []
+
+        def receivers(self) -> dict[Any, Any]:
+            return {signals.on_events_batched: self.take}
+
+        def take(self, sender: Any, event: Any) -> None:
+            self.rows.extend(e.at for e in event.events())
+
+    a = Sender()
+    early, late = Steps(), Steps()
+    early.install(a)
+    try:
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(1))
+        late.install(a)  # mid-pass
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(2))
+        early.uninstall(a)  # mid-pass
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(3))
+        await asyncio.sleep(0)
+    finally:
+        early.uninstall(a)
+        late.uninstall(a)
+    assert early.rows == [1001.0, 1002.0]
+    assert late.rows == [1002.0, 1003.0]

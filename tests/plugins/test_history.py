@@ -21,6 +21,7 @@ import plugins.history as history_mod
 from backbone import AckTimeout, ClientGone, Message, RemoteError, signals
 from backbone.events import (
     AckReceived,
+    AckSent,
     AckTimedOut,
     Connected,
     Disconnected,
@@ -914,3 +915,64 @@ def test_a_pack_left_on_a_loop_that_stopped_does_not_strand_later_events(install
     asyncio.run(later())
     assert len(plugin._unpacked) == 0
     assert plugin.flush(10) and plugin.count() == 2
+
+
+async def test_a_pass_of_two_kinds_is_stored_in_the_order_it_happened(installed):
+    """A loop pass's steps reach the plugin one kind after another (all processed, then
+    all ack.sent); the pack puts them back in seq order, so a pack split on PACK_SPAN
+    never starts after an event it holds and a query by time finds each event."""
+    plugin, s = installed()
+
+    def processed(at: float) -> MessageProcessed:
+        return MessageProcessed(
+            role="server",
+            msg_id=MSG,
+            client_id="c1",
+            wait_ack=True,
+            ok=True,
+            started_at=at,
+            processing_time=0.0,
+            at=at,
+        )
+
+    def ack_sent(at: float) -> AckSent:
+        return AckSent(
+            role="server",
+            msg_id=MSG,
+            client_id="c1",
+            ok=True,
+            size=1,
+            processing_time=0.0,
+            at=at,
+        )
+
+    steps: list[Event] = [processed(0.0), processed(0.999), ack_sent(1.0), processed(1.001)]
+    steps.append(ack_sent(1.002))
+    for e in steps:
+        emit(s, e)  # one loop pass: two batches, one per kind
+    await asyncio.sleep(0)
+    assert await asyncio.to_thread(plugin.flush, 10)
+    assert [e.at for e in plugin.history("c1", limit=None)] == [0.0, 0.999, 1.0, 1.001, 1.002]
+    early = plugin.history("c1", until=1.0005, limit=None)
+    assert [(e.kind, e.at) for e in early] == [
+        ("message.processed", 0.0),
+        ("message.processed", 0.999),
+        ("ack.sent", 1.0),
+    ]
+    view = plugin.live_view("c1")
+    assert view is not None and view.last_event_at == 1.002
+    assert replay(plugin.history("c1", limit=None), "c1") == view
+
+
+async def test_flush_from_another_thread_gets_the_steps_the_loop_still_holds(
+    installed, monkeypatch
+):
+    """The batches of a pass are delivered on the loop's thread; flush() called from
+    another thread asks that loop for them instead of returning without them."""
+    plugin, s = installed()
+    emit(s, sent("c1", 1.0))  # a first batch: the plugin learns which loop they come from
+    await asyncio.sleep(0)
+    monkeypatch.setattr(signals, "_flush_when_due", lambda: None)  # the pass's own: off
+    emit(s, sent("c1", 2.0))
+    assert await asyncio.to_thread(plugin.flush, 10)
+    assert [e.at for e in plugin.history("c1", limit=None)] == [1.0, 2.0]
