@@ -575,9 +575,9 @@ class Link:
                 headers=headers,
             )
             signals.emit_step(signals.on_message_sent, self.owner, event)
-            if signals.batching():
+            if signals.batching("message.sent"):
                 self._step("message.sent", signals.row_of(event))
-        elif signals.batching():
+        elif signals.batching("message.sent"):
             self._step(
                 "message.sent",
                 (next(SEQUENCE), time.time(), msg_id.hex(), size, wait_ack, broadcast, headers),
@@ -665,9 +665,9 @@ class Link:
                 headers=df.headers,
             )
             signals.emit_step(signals.on_message_received, self.owner, event)
-            if signals.batching():
+            if signals.batching("message.received"):
                 self._step("message.received", signals.row_of(event))
-        elif signals.batching():
+        elif signals.batching("message.received"):
             self._step(
                 "message.received",
                 (next(SEQUENCE), time.time(), msg.msg_id, len(df.body), wait_ack, df.headers),
@@ -730,9 +730,9 @@ class Link:
                 headers=df.headers,
             )
             signals.emit_step(signals.on_ack, owner, event)
-            if signals.batching():
+            if signals.batching("ack.received"):
                 self._step("ack.received", signals.row_of(event))
-        elif signals.batching():
+        elif signals.batching("ack.received"):
             self._step(
                 "ack.received",
                 (
@@ -841,9 +841,9 @@ class Link:
                 headers=msg.headers,
             )
             signals.emit_step(signals.on_message_processed, self.owner, event)
-            if signals.batching():
+            if signals.batching("message.processed"):
                 self._step("message.processed", signals.row_of(event))
-        elif signals.batching():
+        elif signals.batching("message.processed"):
             self._step(
                 "message.processed",
                 (
@@ -890,9 +890,9 @@ class Link:
                 processing_time=elapsed,
             )
             signals.emit_step(signals.on_ack, self.owner, sent)
-            if signals.batching():
+            if signals.batching("ack.sent"):
                 self._step("ack.sent", signals.row_of(sent))
-        elif signals.batching():
+        elif signals.batching("ack.sent"):
             self._step(
                 "ack.sent",
                 (

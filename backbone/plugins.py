@@ -56,6 +56,10 @@ plugin_drops: Counter[str] = Counter()
 
 class Plugin:
     name: str = "plugin"
+    #: the per-message kinds this plugin's receiver of ``signals.on_events_batched`` uses
+    #: (None: all of ``events.BATCHED_KINDS``); the core builds no row of a kind that
+    #: no batch receiver wants
+    batched_steps: frozenset[str] | None = None
 
     def __init__(self) -> None:
         self._installed: set[int] = set()

@@ -184,7 +184,9 @@ _routes: dict[tuple[int, int], tuple[weakref.ref[Any], tuple[Receiver, ...]]] = 
 
 
 def _clear_routes(*_args: Any, **_kwargs: Any) -> None:
+    global _wanted_steps
     _routes.clear()
+    _wanted_steps = None
 
 
 def _route(signal: NamedSignal, sender: Any) -> tuple[Receiver, ...]:
@@ -299,10 +301,46 @@ _steps = _Steps()
 _running_loop = asyncio._get_running_loop
 
 
-def batching() -> bool:
-    """True if the core should add its per-message steps to batches (someone listens
-    to :data:`on_events_batched`)."""
-    return bool(on_events_batched.receivers)
+#: the kinds some receiver of on_events_batched wants (None: not worked out since the
+#: last connect or disconnect on the bus)
+_wanted_steps: frozenset[str] | None = None
+
+
+def batching(kind: str | None = None) -> bool:
+    """True if the core should add its per-message steps (of ``kind``) to batches:
+    someone listens to :data:`on_events_batched` (and wants that kind, see
+    :func:`steps_wanted_by`)."""
+    if not on_events_batched.receivers:
+        return False
+    if kind is None:
+        return True
+    wanted = _wanted_steps
+    if wanted is None:
+        wanted = _work_out_wanted_steps()
+    return kind in wanted
+
+
+def steps_wanted_by(receiver: Any) -> frozenset[str]:
+    """The batched kinds a receiver of :data:`on_events_batched` wants: the
+    ``batched_steps`` of the object a bound method belongs to (a plugin's), else of
+    the callable itself; all of them if neither says.  Rows of kinds nobody wants are
+    never built."""
+    declared = getattr(getattr(receiver, "__self__", None), "batched_steps", None)
+    if declared is None:
+        declared = getattr(receiver, "batched_steps", None)
+    return BATCHED_KINDS if declared is None else frozenset(declared)
+
+
+def _work_out_wanted_steps() -> frozenset[str]:
+    global _wanted_steps
+    kinds: set[str] = set()
+    for held in list(on_events_batched.receivers.values()):
+        receiver = held() if isinstance(held, weakref.ref) else held
+        if receiver is not None:
+            kinds |= steps_wanted_by(receiver)
+    wanted = frozenset(kinds)
+    _wanted_steps = wanted
+    return wanted
 
 
 def steps_from(source: StepSource) -> None:

@@ -141,9 +141,9 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                             headers=headers,
                         )
                         signals.emit_step(signals.on_message_sent, server, sent)
-                        if signals.batching():
+                        if signals.batching("message.sent"):
                             server_steps.step("message.sent", signals.row_of(sent))
-                    elif signals.batching():
+                    elif signals.batching("message.sent"):
                         server_steps.step(
                             "message.sent",
                             (next(SEQUENCE), time.time(), msg_id, 200, False, False, headers),
@@ -159,9 +159,9 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                         headers=headers,
                     )
                     signals.emit_step(signals.on_message_received, client, received)
-                    if signals.batching():
+                    if signals.batching("message.received"):
                         client_steps.step("message.received", signals.row_of(received))
-                elif signals.batching():
+                elif signals.batching("message.received"):
                     client_steps.step(
                         "message.received",
                         (next(SEQUENCE), time.time(), msg_id, 200, False, headers),
@@ -180,9 +180,9 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                         headers=headers,
                     )
                     signals.emit_step(signals.on_message_processed, client, processed)
-                    if signals.batching():
+                    if signals.batching("message.processed"):
                         client_steps.step("message.processed", signals.row_of(processed))
-                elif signals.batching():
+                elif signals.batching("message.processed"):
                     client_steps.step(
                         "message.processed",
                         (

@@ -711,6 +711,7 @@ class HistoryPlugin(Plugin):
         if not pack_delay >= 0:
             raise ValueError("pack_delay must be at least 0")
         self._per_message = self.kinds & PACKED_KINDS
+        self.batched_steps = self.kinds & BATCHED_KINDS
         self.path = str(path)
         self.max_age = max_age
         self.max_rows = max_rows

@@ -248,6 +248,7 @@ class LoggingPlugin(Plugin):
     """
 
     name = "logging"
+    batched_steps = MESSAGE_KINDS
 
     def __init__(
         self,

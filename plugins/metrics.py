@@ -762,6 +762,7 @@ class MetricsPlugin(Plugin):
     """
 
     name = "metrics"
+    batched_steps = frozenset({"message.sent", "message.processed", "ack.received"})
 
     def __init__(
         self,

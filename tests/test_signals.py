@@ -299,3 +299,30 @@ async def test_a_plugin_gets_exactly_the_steps_taken_while_it_is_installed():
         late.uninstall(a)
     assert early.rows == [1001.0, 1002.0]
     assert late.rows == [1002.0, 1003.0]
+
+
+def test_rows_are_built_only_for_the_kinds_some_batch_receiver_wants():
+    """A batch receiver may say which kinds it uses (``batched_steps``, on a plugin or
+    on the callable); the core asks ``batching(kind)`` and builds no row of a kind
+    nobody wants.  A receiver that says nothing wants them all."""
+
+    def sent_only(sender: Any, event: Any) -> None:
+        pass
+
+    sent_only.batched_steps = frozenset({"message.sent"})  # type: ignore[attr-defined]
+
+    def everything(sender: Any, event: Any) -> None:
+        pass
+
+    assert not signals.batching("message.sent")
+    signals.on_events_batched.connect(sent_only, weak=False)
+    try:
+        assert signals.batching() and signals.batching("message.sent")
+        assert not signals.batching("message.received")
+        signals.on_events_batched.connect(everything, weak=False)
+        assert signals.batching("message.received") and signals.batching("ack.sent")
+        signals.on_events_batched.disconnect(everything)
+        assert not signals.batching("message.received")
+    finally:
+        signals.on_events_batched.disconnect(sent_only)
+    assert not signals.batching("message.sent")

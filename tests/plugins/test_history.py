@@ -812,6 +812,8 @@ def test_kinds_choose_what_is_stored_and_what_is_built(db):
         assert not signals.wants(signals.on_message_processed)
         assert not signals.wants(signals.on_message_sent) and not signals.wants(signals.on_ack)
         assert signals.batching() and signals.wants(signals.on_heartbeat)
+        assert signals.batching("message.processed") and signals.batching("ack.received")
+        assert not signals.batching("message.received")  # no row for a kind not stored
         assert not signals.on_event.receivers
     finally:
         default.close()
@@ -819,7 +821,7 @@ def test_kinds_choose_what_is_stored_and_what_is_built(db):
     assert chosen.kinds == {"message.sent", "message.received", "message.processed", "connected"}
     chosen.install(sender)
     try:
-        assert signals.batching()
+        assert signals.batching("message.received") and not signals.batching("ack.sent")
         assert not signals.wants(signals.on_ack)
         received = MessageReceived(role="client", msg_id=MSG, client_id="c", size=1, wait_ack=False)
         emit(sender, received)

@@ -268,7 +268,8 @@ def test_message_events_are_not_built_for_a_logger_that_would_drop_them(caplog):
     loud = LoggingPlugin(message_level="INFO")
     loud.install(sender)
     try:
-        assert signals.batching()  # the per-message lines come from batches
+        assert signals.batching("message.sent")  # the per-message lines come from batches
+        assert not signals.batching("message.processed")  # which it does not log
         assert not signals.wants(signals.on_message_sent)
     finally:
         loud.uninstall(sender)
