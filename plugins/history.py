@@ -2,7 +2,9 @@
 
 ``HistoryPlugin`` listens to the signals of the kinds it records (never to ``on_event``,
 so events of other kinds are not even built) with one cheap receiver (filter by kind,
-update an in-memory view, add to a list).  Every ``pack_delay`` seconds (or every
+update an in-memory view, add to a list); the per-message steps it records come in
+batches (``signals.on_events_batched``, one event per client, kind and loop pass,
+folded and queued as they are).  Every ``pack_delay`` seconds (or every
 ``batch`` events) the recorded events are packed into rows (:func:`rows_of`, which
 also serialises them) on the emitting thread, and the rows go to a
 :class:`~backbone.plugins.BoundedWorker` thread that only runs SQLite: one transaction
