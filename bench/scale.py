@@ -46,6 +46,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import socket
 import sys
 import tempfile
@@ -239,13 +240,27 @@ class Fleet:
             "rss_kib": [r["rss_kib"] for r in reports],
         }
 
-    async def broadcast(self, wait_ack: bool, expect: int) -> dict[str, Any]:
+    async def broadcast(
+        self, wait_ack: bool, expect: int, *, frozen: bool = False
+    ) -> dict[str, Any]:
+        """One broadcast; ``frozen`` (one-way only): the load generators are stopped
+        (SIGSTOP) while the server sends, so "server done sending" is the server's own
+        time, not shared with 10,000 clients' processing on the same CPUs; they resume
+        (SIGCONT) once it is done and read what waited in their sockets."""
         assert self.server is not None
         self.bid += 1
         bid = self.bid
-        r = await self.server.request(
-            "broadcast", timeout=180, bid=bid, wait_ack=wait_ack, timeout_s=60
-        )
+        if frozen:
+            for g in self.gens:
+                os.kill(g.proc.pid, signal.SIGSTOP)
+        try:
+            r = await self.server.request(
+                "broadcast", timeout=180, bid=bid, wait_ack=wait_ack, timeout_s=60
+            )
+        finally:
+            if frozen:
+                for g in self.gens:
+                    os.kill(g.proc.pid, signal.SIGCONT)
         # every arrival is recorded by the clients' handlers: wait until all have it
         deadline = time.perf_counter() + 60
         while True:
@@ -335,6 +350,10 @@ async def run_stack(stack: str, args: argparse.Namespace, certs: Any, work: Path
             stage["oneway"] = await fleet.broadcast(False, got)
             await asyncio.sleep(1.0)
             stage["waitack"] = await fleet.broadcast(True, got)
+            if args.frozen_broadcast:
+                await asyncio.sleep(1.0)
+                stage["oneway_frozen"] = await fleet.broadcast(False, got, frozen=True)
+                print(f"[{stack}] one-way, clients stopped: {stage['oneway_frozen']}", flush=True)
             print(
                 f"[{stack}] one-way all received {stage['oneway']['all_received_s']}, WaitAck "
                 f"{stage['waitack']['call_s']:.3f} s ({stage['waitack']['results']} results); "
@@ -876,6 +895,11 @@ def main() -> None:
     ap.add_argument("--mem-clients", type=int, default=None)
     ap.add_argument("--stacks", nargs="+", default=list(STACKS), choices=STACKS)
     ap.add_argument("--no-storm", action="store_true")
+    ap.add_argument(
+        "--frozen-broadcast",
+        action="store_true",
+        help="also a one-way broadcast with the load generators stopped while the server sends",
+    )
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--storm", action="store_true", help="with --quick: run the storm too")
     ap.add_argument("--memory", action="store_true", help="with --quick: run the memory study")
