@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import orjson
+from blinker import NamedSignal
 
 from . import propagation, signals
 from .config import _Common
@@ -33,14 +34,10 @@ from .errors import (
 )
 from .events import (
     SEQUENCE,
+    STEP_EVENT,
     AckFailed,
-    AckReceived,
-    AckSent,
     AckTimedOut,
     LateAckDropped,
-    MessageProcessed,
-    MessageReceived,
-    MessageSent,
     ProtocolViolated,
     Role,
     SendRejected,
@@ -564,25 +561,30 @@ class Link:
         self._queue(frame)
         self.messages_sent += 1
         self._figures.messages_out += 1
-        if signals.wants(signals.on_message_sent):
-            event = MessageSent.unchecked(
-                role=self.role,
-                msg_id=msg_id.hex(),
-                client_id=self.client_id,
-                size=size,
-                wait_ack=wait_ack,
-                broadcast=broadcast,
-                headers=headers,
-            )
-            signals.emit_step(signals.on_message_sent, self.owner, event)
-            if signals.batching("message.sent"):
-                self._step("message.sent", signals.row_of(event))
-        elif signals.batching("message.sent"):
-            self._step(
+        want = signals.wants(signals.on_message_sent)
+        if want or signals.batching("message.sent"):
+            self._report(
+                want,
+                signals.on_message_sent,
                 "message.sent",
                 (next(SEQUENCE), time.time(), msg_id.hex(), size, wait_ack, broadcast, headers),
             )
         return fut
+
+    def _report(
+        self, want_event: bool, signal: NamedSignal, kind: str, row: tuple[Any, ...]
+    ) -> None:
+        """A per-message step (``row``: its values of ``STEP_FIELDS[kind]``, in order):
+        its event on ``signal`` if ``want_event`` (someone listens there), and the row
+        for the batches if someone wants ``kind`` there.  One row serves both, so the
+        two views of a step have the same ``seq`` and ``at``.  The caller checked that
+        one of them is wanted (and built the row only then)."""
+        if want_event:
+            event = STEP_EVENT[kind](self.role, self.client_id, row)
+            signals.emit_step(signal, self.owner, event)
+            if not signals.batching(kind):
+                return
+        self._step(kind, row)
 
     def _step(self, kind: str, row: tuple[Any, ...]) -> None:
         """A per-message step for :data:`signals.on_events_batched` (``row``: its
@@ -655,20 +657,11 @@ class Link:
         )
         self.messages_received += 1
         self._figures.messages_in += 1
-        if signals.wants(signals.on_message_received):
-            event = MessageReceived.unchecked(
-                role=self.role,
-                msg_id=msg.msg_id,
-                client_id=self.client_id,
-                size=len(df.body),
-                wait_ack=wait_ack,
-                headers=df.headers,
-            )
-            signals.emit_step(signals.on_message_received, self.owner, event)
-            if signals.batching("message.received"):
-                self._step("message.received", signals.row_of(event))
-        elif signals.batching("message.received"):
-            self._step(
+        want = signals.wants(signals.on_message_received)
+        if want or signals.batching("message.received"):
+            self._report(
+                want,
+                signals.on_message_received,
                 "message.received",
                 (next(SEQUENCE), time.time(), msg.msg_id, len(df.body), wait_ack, df.headers),
             )
@@ -719,21 +712,11 @@ class Link:
                 fut.set_exception(RemoteError(df.msg_id.hex(), self.client_id, error_type, value))
             else:
                 fut.set_result(value)
-        if signals.wants(signals.on_ack):
-            event = AckReceived.unchecked(
-                role=self.role,
-                msg_id=df.msg_id.hex(),
-                client_id=self.client_id,
-                ok=error_type is None,
-                error_type=error_type,
-                latency=latency,
-                headers=df.headers,
-            )
-            signals.emit_step(signals.on_ack, owner, event)
-            if signals.batching("ack.received"):
-                self._step("ack.received", signals.row_of(event))
-        elif signals.batching("ack.received"):
-            self._step(
+        want = signals.wants(signals.on_ack)
+        if want or signals.batching("ack.received"):
+            self._report(
+                want,
+                signals.on_ack,
                 "ack.received",
                 (
                     next(SEQUENCE),
@@ -828,23 +811,11 @@ class Link:
     ) -> None:
         """After the handler: count, report, and answer a WaitAck message."""
         self.processed += 1
-        if signals.wants(signals.on_message_processed):
-            event = MessageProcessed.unchecked(
-                role=self.role,
-                msg_id=msg.msg_id,
-                client_id=self.client_id,
-                wait_ack=msg.wait_ack,
-                ok=error is None,
-                error_type=None if error is None else error[0],
-                started_at=started_wall,
-                processing_time=elapsed,
-                headers=msg.headers,
-            )
-            signals.emit_step(signals.on_message_processed, self.owner, event)
-            if signals.batching("message.processed"):
-                self._step("message.processed", signals.row_of(event))
-        elif signals.batching("message.processed"):
-            self._step(
+        want = signals.wants(signals.on_message_processed)
+        if want or signals.batching("message.processed"):
+            self._report(
+                want,
+                signals.on_message_processed,
                 "message.processed",
                 (
                     next(SEQUENCE),
@@ -879,21 +850,11 @@ class Link:
         # tells the peer that everything up to this message was handled (a credit).
         self.credit_sent = self.processed
         self._queue(frame)
-        if signals.wants(signals.on_ack):
-            sent = AckSent.unchecked(
-                role=self.role,
-                msg_id=msg.msg_id,
-                client_id=self.client_id,
-                ok=error is None,
-                error_type=None if error is None else error[0],
-                size=len(body),
-                processing_time=elapsed,
-            )
-            signals.emit_step(signals.on_ack, self.owner, sent)
-            if signals.batching("ack.sent"):
-                self._step("ack.sent", signals.row_of(sent))
-        elif signals.batching("ack.sent"):
-            self._step(
+        want = signals.wants(signals.on_ack)
+        if want or signals.batching("ack.sent"):
+            self._report(
+                want,
+                signals.on_ack,
                 "ack.sent",
                 (
                     next(SEQUENCE),

@@ -6,10 +6,10 @@ every :data:`PER_PASS` messages, as the real sender does; the plugins' flush, in
 window, includes the work they defer (history's packing).  A stand-in sender (a
 :class:`backbone.Server` that is never started, so its plugins install as they would)
 emits the per-message steps the core emits for a one-way message on each side, the way
-the core does (an ``Event.unchecked`` per step for per-step receivers, a row per step for
-batch receivers, as ``Link._step`` adds it): ``message.sent`` (server) and ``message.received`` +
-``message.processed`` (client), ``--n`` of each.  Reported per message and per side,
-in CPU microseconds:
+the core does (``Link._report``, called on a stand-in: an event per step for per-step
+receivers, a row per step for batch receivers): ``message.sent`` (server) and
+``message.received`` + ``message.processed`` (client), ``--n`` of each.  Reported per
+message and per side, in CPU microseconds:
 
 * ``loop``: the emitting thread (building the event, ``signals.emit``, the receivers);
 * ``workers``: every other thread of the process (the history writer, exporters),
@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from backbone import Client, Server, signals
-from backbone.events import SEQUENCE, MessageProcessed, MessageReceived, MessageSent
+from backbone._link import Link
+from backbone.events import SEQUENCE
 from backbone.plugins import Plugin
 
 #: messages emitted per event-loop pass (``bench/single_connection.py`` sends 64 a pass)
@@ -58,25 +59,18 @@ def _thread_cpu() -> dict[int, float]:
 
 
 class Steps:
-    """A step source as the core's ``Link`` is one (``Link._step``, copied)."""
+    """A stand-in for the core's ``Link`` where per-message steps are concerned: its
+    own ``_report`` and ``_step`` (the event for per-step receivers, the row for batch
+    receivers), on this object's owner, role and client id."""
+
+    _report = Link._report
+    _step = Link._step
 
     def __init__(self, owner: Any, role: str, client_id: str) -> None:
         self.owner = owner
         self.role = role
         self.client_id = client_id
         self.pending_steps: dict[str, list[tuple[Any, ...]]] | None = None
-
-    def step(self, kind: str, row: tuple[Any, ...]) -> None:
-        pending = self.pending_steps
-        if pending is None:
-            self.pending_steps = {kind: [row]}
-            signals.steps_from(self)
-            return
-        rows = pending.get(kind)
-        if rows is None:
-            pending[kind] = [row]
-        else:
-            rows.append(row)
 
 
 def make_plugins(config: str, work: Path) -> list[Plugin]:
@@ -130,60 +124,29 @@ async def run(config: str, n: int, work: Path) -> dict[str, Any]:
                     await asyncio.sleep(0)  # one loop pass per PER_PASS, as the sender does
                 msg_id = f"{i:032x}"
                 if side == "server":
-                    if signals.wants(signals.on_message_sent):
-                        sent = MessageSent.unchecked(
-                            role="server",
-                            msg_id=msg_id,
-                            client_id="c-1",
-                            size=200,
-                            wait_ack=False,
-                            broadcast=False,
-                            headers=headers,
-                        )
-                        signals.emit_step(signals.on_message_sent, server, sent)
-                        if signals.batching("message.sent"):
-                            server_steps.step("message.sent", signals.row_of(sent))
-                    elif signals.batching("message.sent"):
-                        server_steps.step(
+                    want = signals.wants(signals.on_message_sent)
+                    if want or signals.batching("message.sent"):
+                        server_steps._report(
+                            want,
+                            signals.on_message_sent,
                             "message.sent",
                             (next(SEQUENCE), time.time(), msg_id, 200, False, False, headers),
                         )
                     continue
-                if signals.wants(signals.on_message_received):
-                    received = MessageReceived.unchecked(
-                        role="client",
-                        msg_id=msg_id,
-                        client_id="c-1",
-                        size=200,
-                        wait_ack=False,
-                        headers=headers,
-                    )
-                    signals.emit_step(signals.on_message_received, client, received)
-                    if signals.batching("message.received"):
-                        client_steps.step("message.received", signals.row_of(received))
-                elif signals.batching("message.received"):
-                    client_steps.step(
+                want = signals.wants(signals.on_message_received)
+                if want or signals.batching("message.received"):
+                    client_steps._report(
+                        want,
+                        signals.on_message_received,
                         "message.received",
                         (next(SEQUENCE), time.time(), msg_id, 200, False, headers),
                     )
                 started = time.time()
-                if signals.wants(signals.on_message_processed):
-                    processed = MessageProcessed.unchecked(
-                        role="client",
-                        msg_id=msg_id,
-                        client_id="c-1",
-                        wait_ack=False,
-                        ok=True,
-                        error_type=None,
-                        started_at=started,
-                        processing_time=2e-6,
-                        headers=headers,
-                    )
-                    signals.emit_step(signals.on_message_processed, client, processed)
-                    if signals.batching("message.processed"):
-                        client_steps.step("message.processed", signals.row_of(processed))
-                elif signals.batching("message.processed"):
-                    client_steps.step(
+                want = signals.wants(signals.on_message_processed)
+                if want or signals.batching("message.processed"):
+                    client_steps._report(
+                        want,
+                        signals.on_message_processed,
                         "message.processed",
                         (
                             next(SEQUENCE),

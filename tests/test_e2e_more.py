@@ -86,11 +86,14 @@ async def test_backoff_resets_after_a_stable_connection(make_server, make_client
 async def test_events_are_not_built_when_nobody_listens(make_server, make_client, monkeypatch):
     import backbone._link as link_mod
 
-    def explode(**kw: Any) -> None:
-        raise AssertionError("an event was built with no listener")
+    def explode(*args: Any, **kw: Any) -> None:
+        raise AssertionError("an event (or a batch row) was built with no listener")
 
-    for name in ("MessageSent", "MessageReceived", "AckSent", "AckReceived"):
-        monkeypatch.setattr(link_mod, name, explode)
+    # every per-message step's event is built from its row by STEP_EVENT, and its row
+    # goes to the batches through Link._step
+    monkeypatch.setattr(link_mod, "STEP_EVENT", dict.fromkeys(link_mod.STEP_EVENT, explode))
+    monkeypatch.setattr(link_mod.Link, "_step", explode)
+    monkeypatch.setattr(link_mod.Link, "_report", explode)
     assert not signals.on_event.receivers
     async with make_server() as server:
         client = make_client("dev-1", server.port)

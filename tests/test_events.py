@@ -13,6 +13,7 @@ from backbone import signals
 from backbone.events import (
     BATCHED_KINDS,
     EVENT_TYPES,
+    STEP_EVENT,
     STEP_FIELDS,
     AckReceived,
     AckSent,
@@ -66,6 +67,22 @@ def test_unchecked_refuses_unknown_and_missing_fields():
         MessageSent.unchecked(role="server", msg_id=MID, client_id="c")
     with pytest.raises(TypeError, match="unexpected keyword argument 'seq'"):
         MessageSent.unchecked(**SAMPLES[MessageSent], seq=1)  # the core never sets these
+
+
+@pytest.mark.parametrize("cls", list(SAMPLES), ids=lambda c: c.__name__)
+def test_the_event_of_a_row_equals_the_event_built_directly(cls):
+    """``STEP_EVENT[kind](role, client_id, row)``, how the core builds a step's event
+    from the row it also batches, gives the same event as ``unchecked``: same fields in
+    the same order, same seq and at, all counted as set, valid."""
+    direct = cls.unchecked(**SAMPLES[cls])
+    kind = direct.kind
+    rebuilt = STEP_EVENT[kind](direct.role, direct.client_id, signals.row_of(direct))
+    assert type(rebuilt) is cls and rebuilt == direct
+    assert list(rebuilt.__dict__) == list(direct.__dict__)
+    assert rebuilt.model_fields_set == direct.model_fields_set
+    assert cls.model_validate(rebuilt.model_dump(), strict=True) == direct
+    with pytest.raises(ValueError):
+        STEP_EVENT[kind](direct.role, direct.client_id, signals.row_of(direct)[:-1])
 
 
 def test_every_event_class_has_its_own_builder():

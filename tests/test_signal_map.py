@@ -10,13 +10,9 @@ from backbone.events import EVENT_TYPES
 
 SOURCE = Path(__file__).resolve().parent.parent / "backbone"
 EMIT = re.compile(r"signals\.emit\(\s*signals\.(on_\w+),\s*[^,]+,\s*(\w+)(?:\.\w+)?\(", re.S)
-# the per-message steps: ``name = Class.unchecked(...)``, then
-# ``signals.emit_step(signal, owner, name)``
-EMIT_STEP = re.compile(
-    r"(\w+) = (\w+)\.unchecked\((?:(?!\.unchecked\().)*?"
-    r"signals\.emit_step\(signals\.(on_\w+), [^,]+, \1\)",
-    re.S,
-)
+# the per-message steps: ``self._report(want, signals.on_x, "kind", row)`` (Link._report
+# emits the step's event on that signal)
+REPORT = re.compile(r"self\._report\(\s*\w+,\s*signals\.(on_\w+),\s*\"([\w.]+)\"", re.S)
 
 
 def test_every_kind_has_a_signal():
@@ -35,12 +31,10 @@ def test_emit_calls_agree_with_the_map():
                 f"{path.name}: {class_name} emitted on {signal_name}"
             )
             seen += 1
-        for _name, class_name, signal_name in EMIT_STEP.findall(path.read_text()):
-            cls = getattr(events, class_name)
-            kind = cls.model_fields["kind"].default
+        for signal_name, kind in REPORT.findall(path.read_text()):
             assert kind in events.BATCHED_KINDS
             assert signals.SIGNAL_OF_KIND[kind] is getattr(signals, signal_name), (
-                f"{path.name}: {class_name} emitted on {signal_name}"
+                f"{path.name}: {kind} emitted on {signal_name}"
             )
             seen += 1
     # every kind is emitted somewhere (some in two places); batches by signals.flush_steps
