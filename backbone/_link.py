@@ -586,21 +586,10 @@ class Link:
                 return
         self._step(kind, row)
 
-    def _step(self, kind: str, row: tuple[Any, ...]) -> None:
-        """A per-message step for :data:`signals.on_events_batched` (``row``: its
-        values of ``STEP_FIELDS[kind]``, in that order).  The link is its own step
-        source (:class:`signals.StepSource`); ``signals.add_step`` is the same with a
-        lookup more per step."""
-        pending = self.pending_steps
-        if pending is None:
-            self.pending_steps = {kind: [row]}
-            signals.steps_from(self)
-            return
-        rows = pending.get(kind)
-        if rows is None:
-            pending[kind] = [row]
-        else:
-            rows.append(row)
+    #: a per-message step's row for :data:`signals.on_events_batched` (``row``: its
+    #: values of ``STEP_FIELDS[kind]``, in order); the link is its own step source
+    #: (:class:`signals.StepSource`), so no lookup per step
+    _step = signals.add_row
 
     def send_control(self, frame: bytes) -> None:
         """Queue a control frame (GOAWAY) behind what is queued, and transmit now."""

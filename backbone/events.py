@@ -385,15 +385,7 @@ class EventsBatched(Event):
     def records(self) -> list[dict[str, Any]]:
         """Every step's fields as a dict, in the field order of its event class (what
         the step's ``event.__dict__`` holds)."""
-        common = {"kind": self.step, "role": self.role, "client_id": self.client_id}
-        fields = self.fields
-        order = tuple(EVENT_CLASS_OF_KIND[self.step].model_fields)
-        out = []
-        for row in self.rows:
-            values = dict(zip(fields, row, strict=True))
-            values.update(common)
-            out.append({name: values[name] for name in order})
-        return out
+        return [event.__dict__ for event in self.events()]
 
     def events(self) -> list[Event]:
         """The steps' events, as the core emits them one by one (built by

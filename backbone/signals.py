@@ -345,14 +345,20 @@ def _work_out_wanted_steps() -> frozenset[str]:
 
 def steps_from(source: StepSource) -> None:
     """``source`` has its first pending step (its ``pending_steps`` was None): deliver
-    its batches at the end of this loop pass (at once outside a running loop).  The
-    core's ``Link._step`` is the hot path: it adds rows itself and calls this once per
-    pass; :func:`add_step` is the same for any sender."""
+    its batches at the end of this loop pass (at once outside a running loop).  Called
+    by :func:`add_row` once per source and pass."""
     _steps.sources.append(source)
+    _flush_at_end_of_pass()
+
+
+def _flush_at_end_of_pass() -> None:
+    """Have this thread's pending batches delivered after the running loop's pass: one
+    callback per pass (scheduled again if the loop it was on stopped first); outside a
+    running loop, now."""
     loop = _running_loop()
     if loop is None:
         flush_steps()
-    elif _steps.scheduled_on is not loop:  # once per pass; again if that loop stopped
+    elif _steps.scheduled_on is not loop:
         _steps.scheduled_on = loop
         loop.call_soon(_flush_when_due)
 
@@ -364,22 +370,28 @@ def add_step(sender: Any, role: str, client_id: str, kind: str, row: tuple[Any, 
     loop.  (The core's links do the same with less work per step.)"""
     key = (sender, role, client_id)
     source = _steps.adhoc.get(key)
-    if source is None or source.pending_steps is None:
+    if source is None:
         source = _steps.adhoc[key] = _AdHocSource(sender, role, client_id)
+    had_steps = source.pending_steps is not None
+    add_row(source, kind, row)
+    if had_steps:  # registered already, perhaps by a loop that has stopped since
+        _flush_at_end_of_pass()
+
+
+def add_row(source: StepSource, kind: str, row: tuple[Any, ...]) -> None:
+    """Add a step's row to ``source``'s pending batch of ``kind``, registering the
+    source at its first step of a pass (:func:`steps_from`).  The core's ``Link._step``
+    is this function."""
+    pending = source.pending_steps
+    if pending is None:
         source.pending_steps = {kind: [row]}
         steps_from(source)
         return
-    rows = source.pending_steps.get(kind)
+    rows = pending.get(kind)
     if rows is None:
-        source.pending_steps[kind] = [row]
+        pending[kind] = [row]
     else:
         rows.append(row)
-    loop = _running_loop()
-    if loop is None:  # outside a loop (with steps a stopped loop left): deliver now
-        flush_steps()
-    elif _steps.scheduled_on is not loop:  # steps left by a loop that stopped
-        _steps.scheduled_on = loop
-        loop.call_soon(_flush_when_due)
 
 
 def _flush_when_due() -> None:
