@@ -256,20 +256,27 @@ def pack_columns(run: Sequence[Record]) -> dict[str, Any]:
     differs (``seq``, ``at``, ``msg_id``, ...): about a third of the bytes of an array of
     the events, so a third of what the writer hands to SQLite.  Raises ``ValueError``
     (or ``KeyError``) if the records do not share their fields."""
-    n = len(run)
-    first_record = run[0]
     if len(set(map(len, run))) != 1:
         raise ValueError("records of one pack differ in their fields")
-    same: dict[str, Any] = {}
+    # KeyError: a field is missing
+    columns = ((name, list(map(operator.itemgetter(name), run))) for name in run[0])
+    return _columns({}, columns, len(run))
+
+
+def _columns(
+    same: dict[str, Any], columns: Iterable[tuple[str, Sequence[Any]]], n: int
+) -> dict[str, Any]:
+    """:func:`pack_columns`'s layout for ``n`` records given as ``(field, values)``
+    columns: a field whose ``n`` values are the same goes to ``same`` (which may hold
+    the fields known to be common already), the others to ``cols``."""
     cols: dict[str, list[Any]] = {}
-    for name in first_record:
-        col = list(map(operator.itemgetter(name), run))  # KeyError: a field is missing
+    for name, col in columns:
         first = col[0]
         # equal (count() uses ==; NaN is never the same) and of one type (1 == True == 1.0)
         if col.count(first) == n and first == first and len(set(map(type, col))) == 1:
             same[name] = first
         else:
-            cols[name] = col
+            cols[name] = list(col)
     return {"same": same, "cols": cols}
 
 
@@ -333,11 +340,7 @@ def add_item(
         return
     key = (cid, r["role"])
     if packed:
-        run = runs.get(key)
-        if run is None:
-            runs[key] = run = []
-            items.append(run)
-        run.append(r)
+        _open_run(items, runs, key).append(r)
         return
     if runs:
         runs.pop(key, None)
@@ -348,12 +351,19 @@ def add_batch(
     items: list[Item], runs: dict[tuple[str, str], list[Record | EventsBatched]], b: EventsBatched
 ) -> None:
     """:func:`add_item` for a batch of steps: to its client and role's open run."""
-    key = (b.client_id, b.role)
+    _open_run(items, runs, (b.client_id, b.role)).append(b)
+
+
+def _open_run(
+    items: list[Item], runs: dict[tuple[str, str], list[Record | EventsBatched]], key: Any
+) -> list[Record | EventsBatched]:
+    """The open run of ``key`` (client id, role), opened at the end of ``items`` if
+    there is none."""
     run = runs.get(key)
     if run is None:
         runs[key] = run = []
         items.append(run)
-    run.append(b)
+    return run
 
 
 def rows_of(items: Iterable[Item]) -> list[Row]:
@@ -375,20 +385,26 @@ def rows_of(items: Iterable[Item]) -> list[Row]:
             rows.extend(_batch_rows(entry))  # type: ignore[arg-type]
             continue
         item = _run_records(entry)
-        first_at = item[0]["at"]
-        last_at = max(map(_AT, item))
-        if len(item) <= PACK_MAX and last_at - first_at <= PACK_SPAN:
-            rows.append(_pack_row(item, last_at))
-            continue
-        start = 0
-        for i, r in enumerate(item):
-            if i - start >= PACK_MAX or r["at"] - first_at > PACK_SPAN:
-                run = item[start:i]
-                rows.append(_pack_row(run, max(map(_AT, run))))
-                start, first_at = i, r["at"]
-        run = item[start:]
-        rows.append(_pack_row(run, max(map(_AT, run))))
+        ats = list(map(_AT, item))
+        for start, end in _spans(ats):
+            rows.append(_pack_row(item[start:end], max(ats[start:end])))
     return rows
+
+
+def _spans(ats: list[float]) -> list[tuple[int, int]]:
+    """Where a run whose events happened at ``ats`` is cut into packs: ``(start, end)``
+    ranges of at most :data:`PACK_MAX` events spanning at most :data:`PACK_SPAN`
+    seconds from their first."""
+    if len(ats) <= PACK_MAX and max(ats) - ats[0] <= PACK_SPAN:
+        return [(0, len(ats))]
+    spans: list[tuple[int, int]] = []
+    start, first_at = 0, ats[0]
+    for i, at in enumerate(ats):
+        if i - start >= PACK_MAX or at - first_at > PACK_SPAN:
+            spans.append((start, i))
+            start, first_at = i, at
+    spans.append((start, len(ats)))
+    return spans
 
 
 def _pack_row(run: list[Record], last_at: float) -> Row:
@@ -460,16 +476,7 @@ def _batch_rows(batches: list[EventsBatched]) -> list[Row]:
     b = batches[0]
     steps = b.rows if len(batches) == 1 else [row for x in batches for row in x.rows]
     ats = [row[_ROW_AT] for row in steps]
-    if len(steps) <= PACK_MAX and max(ats) - ats[0] <= PACK_SPAN:
-        return [_batch_pack(b, steps, ats)]
-    out: list[Row] = []
-    start, first_at = 0, ats[0]
-    for i, at in enumerate(ats):
-        if i - start >= PACK_MAX or at - first_at > PACK_SPAN:
-            out.append(_batch_pack(b, steps[start:i], ats[start:i]))
-            start, first_at = i, at
-    out.append(_batch_pack(b, steps[start:], ats[start:]))
-    return out
+    return [_batch_pack(b, steps[start:end], ats[start:end]) for start, end in _spans(ats)]
 
 
 def _batch_pack(b: EventsBatched, steps: Sequence[tuple[Any, ...]], ats: list[float]) -> Row:
@@ -481,13 +488,7 @@ def _batch_pack(b: EventsBatched, steps: Sequence[tuple[Any, ...]], ats: list[fl
         record.update(kind=b.step, role=b.role, client_id=b.client_id)
         return _single(record)
     same: dict[str, Any] = {"kind": b.step, "role": b.role, "client_id": b.client_id}
-    cols: dict[str, list[Any]] = {}
-    for name, col in zip(b.fields, zip(*steps, strict=True), strict=True):
-        first = col[0]
-        if col.count(first) == n and first == first and len(set(map(type, col))) == 1:
-            same[name] = first
-        else:
-            cols[name] = list(col)
+    packed = _columns(same, zip(b.fields, zip(*steps, strict=True), strict=True), n)
     return (
         ats[0],
         b.step,
@@ -495,7 +496,7 @@ def _batch_pack(b: EventsBatched, steps: Sequence[tuple[Any, ...]], ats: list[fl
         b.client_id,
         None,
         None,
-        _json({"same": same, "cols": cols}).decode(),
+        _json(packed).decode(),
         n,
         max(ats),
     )
@@ -565,9 +566,7 @@ def fold(state: dict[str, Any], event: Event) -> None:
     views use it directly: no copy per event."""
     at = event.at
     state["events"] += 1
-    last = state["last_event_at"]
-    # the latest, not the last folded: batches of two kinds may come in either order
-    state["last_event_at"] = at if last is None or at > last else last
+    _saw(state, at)
     t = type(event)
     if t is MessageSent:
         state["messages_sent"] += 1
@@ -600,6 +599,14 @@ def fold(state: dict[str, Any], event: Event) -> None:
         state["sends_rejected"] += 1
 
 
+def _saw(state: dict[str, Any], at: float) -> None:
+    """``last_event_at``: the latest ``at`` folded, not the last one (a loop pass's
+    batches of two kinds may come in either order)."""
+    last = state["last_event_at"]
+    if last is None or at > last:
+        state["last_event_at"] = at
+
+
 _ACK_OK: Final = STEP_FIELDS["ack.received"].index("ok")
 
 
@@ -609,9 +616,7 @@ def fold_batch(state: dict[str, Any], batch: EventsBatched) -> None:
     rows = batch.rows
     n = len(rows)
     state["events"] += n
-    at = max(row[_ROW_AT] for row in rows)
-    last = state["last_event_at"]
-    state["last_event_at"] = at if last is None or at > last else last
+    _saw(state, max(row[_ROW_AT] for row in rows))
     step = batch.step
     if step == "message.sent":
         state["messages_sent"] += n
@@ -880,14 +885,7 @@ class HistoryPlugin(Plugin):
         if event.role == "server":
             cid: str | None = fields.get("client_id")
             if cid is not None:
-                state = self._live.get(cid)
-                if state is not None:
-                    fold(state, event)
-                else:
-                    self._live[cid] = state = dict(SessionView(cid).__dict__)
-                    fold(state, event)
-                    if len(self._live) > self.max_live:
-                        self._forget_disconnected()
+                self._fold_live(cid, fold, event)
         # under the lock: the writer may be stopped from another thread (close()), and a
         # record must either reach it or not be counted at all
         with self._pack_lock:
@@ -906,15 +904,7 @@ class HistoryPlugin(Plugin):
             return
         self._batch_loop = asyncio._get_running_loop()
         if event.role == "server":
-            cid = event.client_id
-            state = self._live.get(cid)
-            if state is None:
-                self._live[cid] = state = dict(SessionView(cid).__dict__)
-                fold_batch(state, event)
-                if len(self._live) > self.max_live:
-                    self._forget_disconnected()
-            else:
-                fold_batch(state, event)
+            self._fold_live(event.client_id, fold_batch, event)
         n = len(event.rows)
         with self._pack_lock:
             if self._worker is None:
@@ -923,6 +913,21 @@ class HistoryPlugin(Plugin):
             self._unpacked_n += n
             add_batch(self._unpacked, self._runs, event)
         self._added()
+
+    def _fold_live(
+        self, cid: str, fold_with: Callable[[dict[str, Any], Any], None], event: Event
+    ) -> None:
+        """Fold ``event`` (a batch with :func:`fold_batch`) into ``cid``'s live view,
+        starting one if there is none (and forgetting departed clients' views past
+        ``max_live``)."""
+        state = self._live.get(cid)
+        if state is not None:
+            fold_with(state, event)
+            return
+        self._live[cid] = state = dict(SessionView(cid).__dict__)
+        fold_with(state, event)
+        if len(self._live) > self.max_live:
+            self._forget_disconnected()
 
     def _added(self) -> None:
         """After recording: pack now if a batch is full, else schedule the pack."""
