@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,6 +73,8 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
             heartbeat_misses=cfg.heartbeat_misses,
             now=self._loop.time(),
             max_inbound=cfg.max_inbound_queue,
+            heartbeat_align=cfg.heartbeat_align,
+            wall_offset=time.time() - self._loop.time(),
         )
         self.link: Link | None = None
         self.welcomed: asyncio.Future[Welcome] = self._loop.create_future()

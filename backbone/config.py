@@ -165,6 +165,13 @@ class ClientConfig(_Common):
     keyfile: str | None = None
     max_pending: int = Field(1000, ge=1, description="results pending from the server")
     connect_timeout: float = Field(20.0, gt=0, description="handshake + HELLO/WELCOME, seconds")
+    heartbeat_align: float = Field(
+        0.1,
+        ge=0,
+        description="pings go out on multiples of this many seconds of the wall clock (at "
+        "most heartbeat_interval / 8), so clients with synchronised clocks reach the server "
+        "in bunches it reads in one go (0: not aligned)",
+    )
     backoff_initial: float = Field(1.0, gt=0)
     backoff_max: float = Field(60.0, gt=0)
     backoff_factor: float = Field(2.0, ge=1)

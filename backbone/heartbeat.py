@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+#: the widest slot a server's heartbeat deadlines are rounded up to (:func:`timer_slot`)
+MAX_TIMER_SLOT = 1.0
+
+
+def timer_slot(interval: float) -> float:
+    """How coarse the server's heartbeat deadlines for ``interval`` may be: 1/16 of the
+    interval, at most :data:`MAX_TIMER_SLOT` (a timeout of 3 × 15 s is then judged at
+    most 1 s late, about 2 %)."""
+    return min(MAX_TIMER_SLOT, interval / 16)
+
+
+def round_up(when: float, slot: float) -> float:
+    """``when`` rounded up to a multiple of ``slot``.  A server holds one deadline per
+    connection, and each one that falls due on its own wakes the event loop: at 10,000
+    clients about 330 times a second, each wake-up a few tens of µs of kernel and loop
+    work on top of the check.  Rounded up, all the deadlines in one slot fall due in
+    one loop pass; a deadline is never early, and at most ``slot`` late."""
+    if slot <= 0:
+        return when
+    return math.ceil(when / slot) * slot
 
 
 @dataclass(slots=True)
@@ -78,11 +100,34 @@ class HeartbeatScheduler:
     last_pong_at: float | None = None
     nonce: int = 0
     rtt: float | None = None
+    #: pings go out on the nearest multiple of this many seconds of the wall clock, at
+    #: most ``interval / 8`` (0: not aligned); see :meth:`next_ping_after`
+    align: float = 0.0
+    #: the wall clock minus the clock ``now`` comes from, which places the grid
+    wall_offset: float = 0.0
     _sent: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
-        self.next_ping_at = self.started_at + self.interval
+        self.next_ping_at = self.next_ping_after(self.started_at)
         self._sent = {}
+
+    def next_ping_after(self, now: float) -> float:
+        """When the ping after one at ``now`` goes out: ``now + interval``, moved to the
+        nearest point of the alignment grid.
+
+        Clients whose wall clocks agree (NTP) then ping in the same instants, so a server
+        with thousands of them reads their pings in bunches, one wake-up and warm caches
+        for many, instead of one wake-up each (measured with 2,000 clients and a 0.1 s
+        grid: the idle server's CPU about halved, see docs/benchmarks.md).  The interval
+        between two pings stays ``interval`` once the phase is set (the first may be up to
+        half a grid step shorter or longer); clients whose clocks disagree just ping at
+        their own phase."""
+        target = now + self.interval
+        slot = min(self.align, self.interval / 8)
+        if slot <= 0:
+            return target
+        offset = self.wall_offset
+        return round((target + offset) / slot) * slot - offset
 
     def ping_due(self, now: float) -> bool:
         return now >= self.next_ping_at
@@ -95,7 +140,7 @@ class HeartbeatScheduler:
         # keep at most ``misses + 1`` outstanding pings
         if len(self._sent) > self.misses + 1:
             del self._sent[min(self._sent)]
-        self.next_ping_at = now + self.interval
+        self.next_ping_at = self.next_ping_after(now)
         return self.nonce
 
     def pong_received(self, nonce: int, now: float) -> float | None:

@@ -54,6 +54,7 @@ from .frames import (
     encode_payload,
 )
 from .gc_freeze import ConnectionFreezer
+from .heartbeat import round_up, timer_slot
 from .identity import (
     AuthFailure,
     ClientIdentity,
@@ -98,7 +99,8 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
-        self._hb_timer = self._loop.call_at(when, self._on_timer)
+        slot = timer_slot(self.session.heartbeat.interval)
+        self._hb_timer = self._loop.call_at(round_up(when, slot), self._on_timer)
 
     def rearm(self) -> None:
         if self._hb_timer is not None:

@@ -279,6 +279,8 @@ class ClientSession(_Streams):
         heartbeat_misses: int,
         now: float,
         max_inbound: int | None = None,
+        heartbeat_align: float = 0.0,
+        wall_offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.state = "awaiting_welcome"
@@ -286,7 +288,13 @@ class ClientSession(_Streams):
         self.max_payload = max_payload
         self.peer_max_payload = max_payload
         self.session_id = ""
-        self.heartbeat = HeartbeatScheduler(heartbeat_interval, heartbeat_misses, now)
+        self.heartbeat = HeartbeatScheduler(
+            heartbeat_interval,
+            heartbeat_misses,
+            now,
+            align=heartbeat_align,
+            wall_offset=wall_offset,
+        )
         self._pings: list[int] = []
         self._out.append(
             (

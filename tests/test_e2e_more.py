@@ -264,3 +264,22 @@ async def test_a_welcome_in_the_pass_the_connect_timeout_fires_leaves_no_handler
                 assert len(handlers) == 2, handlers  # the server's link and the client's
     finally:
         signals.on_connected.disconnect(stall_once)
+
+
+async def test_a_client_pings_on_the_wall_clock_grid(make_server, make_client, events):
+    # heartbeat_align reaches the client's scheduler with the loop's offset from the wall
+    # clock, and the pings after the first one are due on that grid
+    async with make_server(heartbeat_interval=0.4) as server:
+        client = make_client("aligned", server.port, heartbeat_interval=0.4, heartbeat_align=0.05)
+        async with running(client):
+            for _ in range(3):
+                await events.wait("heartbeat.acknowledged", role="client")
+            conn = client._conn
+            assert conn is not None
+            hb = conn.session.heartbeat
+            loop = asyncio.get_running_loop()
+            assert hb.align == 0.05
+            assert hb.wall_offset == pytest.approx(time.time() - loop.time(), abs=0.05)
+            k = (hb.next_ping_at + hb.wall_offset) / 0.05
+            assert k == pytest.approx(round(k), abs=1e-6)
+            assert 0 < hb.next_ping_at - loop.time() <= 0.4 + 0.025
