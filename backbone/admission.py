@@ -46,18 +46,46 @@ class HandshakeGate:
     * ``server_behind`` — that packet waited longer than ``behind_after`` seconds in the
       server's socket: the server is not keeping up with the clients it has, and a
       handshake now would push it further behind (no token is taken);
+    * ``handshakes_in_flight`` — ``max_in_flight`` connections are already between their
+      first packet and their HELLO: new ones wait until some of those finish (no token
+      is taken);
     * ``overloaded`` — no token in ``bucket``: the session budget is spent.
+
+    The in-flight limit makes admission follow how fast handshakes actually complete.
+    The token bucket alone admits at a fixed rate; when the handshakes are slower than
+    that — slow clients, a slow network, or the server itself short of CPU — admitted
+    handshakes pile up, each gets a smaller share of the CPU, and past the clients'
+    connect timeout they all fail together, their work wasted (a 10,000-client restart
+    storm on one 2-CPU machine: 26,712 connect timeouts, a third back in 150 s).  With
+    at most ``max_in_flight`` open, each finishes in about the time it needs, and the
+    rest are refused at once, for the cost of one packet, and back off.
     """
 
-    __slots__ = ("behind_after", "bucket")
+    __slots__ = ("behind_after", "bucket", "in_flight", "max_in_flight")
 
-    def __init__(self, bucket: TokenBucket, behind_after: float) -> None:
+    def __init__(
+        self, bucket: TokenBucket, behind_after: float, max_in_flight: int = 0
+    ) -> None:
         self.bucket = bucket
         self.behind_after = behind_after
+        #: 0: no limit
+        self.max_in_flight = max_in_flight
+        #: connections admitted whose handshake and HELLO have not finished yet
+        self.in_flight = 0
 
     def check(self, now: float, waited: float) -> str | None:
         if waited > self.behind_after:
             return "server_behind"
+        if self.max_in_flight and self.in_flight >= self.max_in_flight:
+            return "handshakes_in_flight"
         if not self.bucket.try_take(now):
             return "overloaded"
         return None
+
+    def opened(self) -> None:
+        """An admitted connection was created."""
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        """An admitted connection got its session, or ended before it did."""
+        self.in_flight -= 1

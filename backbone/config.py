@@ -78,6 +78,13 @@ class ServerConfig(_Common):
     admission_burst: int = Field(
         100, ge=1, description="admission control: new sessions allowed in one burst"
     )
+    max_handshakes_in_flight: int = Field(
+        256,
+        ge=0,
+        description="admission control: connections between their first packet and their "
+        "HELLO at most; more are refused before the TLS handshake and back off, so a storm "
+        "is admitted as fast as handshakes complete (0: no limit)",
+    )
     overload_window: float = Field(
         5.0,
         ge=0,

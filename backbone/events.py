@@ -432,15 +432,17 @@ class AuthenticationFailed(Event):
 
 class SessionRefused(Event):
     """The server refused a new session.  Admission control refuses a new connection at
-    its first packet, before the TLS handshake (``overloaded``: answered with QUIC
-    CONNECTION_REFUSED; ``server_behind``: dropped, the client retransmits), so
+    its first packet, before the TLS handshake (``handshakes_in_flight`` and
+    ``overloaded``: answered with QUIC CONNECTION_REFUSED; ``server_behind``: dropped,
+    the client retransmits), so
     ``client_id`` is None then.  While shutting down the server refuses a HELLO with
     GOAWAY (``shutting_down``), telling the client when to come back."""
 
     kind: Literal["session.refused"] = "session.refused"
     client_id: str | None  # None when refused before the handshake (not known yet)
     peer: str
-    reason: str  # overloaded | server_behind (both before the handshake) | shutting_down
+    # handshakes_in_flight | overloaded | server_behind (before the handshake) | shutting_down
+    reason: str
     retry_after: float
     window: float
 

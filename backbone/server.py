@@ -96,6 +96,16 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
         self.connected_at_wall = 0.0
         self._hb_timer: asyncio.TimerHandle | None = None
         self._arm(self.session.get_timer())
+        # admitted by the server's HandshakeGate: in flight until its session opens
+        self._in_flight = True
+        server._gate.opened()
+
+    def handshake_finished(self) -> None:
+        """The session opened, or the connection ended before it did: no longer counted
+        against ``max_handshakes_in_flight``."""
+        if self._in_flight:
+            self._in_flight = False
+            self.server._gate.finished()
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
@@ -198,6 +208,7 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
     # --- teardown ----------------------------------------------------------------------------
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
+        self.handshake_finished()
         if self._hb_timer is not None:
             self._hb_timer.cancel()
             self._hb_timer = None
@@ -298,7 +309,9 @@ class Server(HandlerOwner, PendingOwner):
             self.config.admission_burst,
             self._loop.time(),
         )
-        self._gate = HandshakeGate(self._admission, self.config.behind_after)
+        self._gate = HandshakeGate(
+            self._admission, self.config.behind_after, self.config.max_handshakes_in_flight
+        )
         self._wall_offset = time.time() - self._loop.time()
         for plugin in self.plugins:
             install_plugin(plugin, self)
@@ -613,6 +626,7 @@ class Server(HandlerOwner, PendingOwner):
             now,
         )
         conn.rearm()
+        conn.handshake_finished()
         for sid, out in conn.session.data_to_send():
             conn.queue(sid, out)  # the WELCOME, with the ACK of the HELLO
         conn.link = Link(

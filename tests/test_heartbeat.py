@@ -51,6 +51,29 @@ def test_client_declares_server_dead_after_interval_times_misses_without_pong():
     assert s.server_dead(45.0)
 
 
+def test_a_client_whose_loop_stalled_pings_before_it_blames_the_server():
+    s = HeartbeatScheduler(interval=15.0, misses=3, started_at=0.0)
+    n = s.ping_sent(15.0)
+    s.pong_received(n, 15.001)
+    # the client's own loop stalls from 15 s to 80 s: no ping went out, so the 65 s of
+    # silence say nothing about the server
+    assert not s.server_dead(80.0)
+    assert s.ping_due(80.0)
+    s.ping_sent(80.0)
+    # with that ping unanswered, the verdict is due interval × (misses - 1) after it
+    assert s.dead_at() == 80.0 + 30.0
+    assert s.deadline() == 95.0  # the next ping comes first
+    s.ping_sent(95.0)
+    assert not s.server_dead(109.999)
+    assert s.server_dead(110.0)
+    # answered in time instead, it is alive
+    t = HeartbeatScheduler(interval=15.0, misses=3, started_at=0.0)
+    t.pong_received(t.ping_sent(15.0), 15.001)
+    t.pong_received(t.ping_sent(80.0), 80.002)
+    assert not t.server_dead(110.0)
+    assert t.deadline() == 95.0
+
+
 def test_a_late_pong_for_an_older_ping_still_counts_and_clears_older_ones():
     s = HeartbeatScheduler(interval=1.0, misses=3, started_at=0.0)
     a = s.ping_sent(1.0)

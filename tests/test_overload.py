@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from backbone import AckTimeout, ClientGone, ClientNotConnected, Server, signals
 from backbone.admission import HandshakeGate, TokenBucket
+from backbone.errors import ErrorCode
 from backbone.events import Event
 
 from .conftest import Events
@@ -230,6 +231,63 @@ def test_gate_admits_within_the_budget_and_none_while_behind():
     # behind: refused whatever the bucket holds, and without taking a token
     assert gate.check(1.0, waited=0.5) == "server_behind"
     assert [gate.check(1.0, waited=0.1) for _ in range(6)] == [None] * 5 + ["overloaded"]
+
+
+def test_gate_admits_no_more_than_max_in_flight_handshakes():
+    gate = HandshakeGate(TokenBucket(rate=100.0, burst=3, now=0.0), 0.1, max_in_flight=2)
+    assert gate.check(0.0, waited=0.0) is None
+    gate.opened()
+    assert gate.check(0.0, waited=0.0) is None
+    gate.opened()
+    # two open: refused, and no token taken for it
+    assert gate.check(0.0, waited=0.0) == "handshakes_in_flight"
+    assert gate.check(0.0, waited=0.0) == "handshakes_in_flight"
+    assert gate.check(0.0, waited=0.5) == "server_behind"  # behind is still said first
+    gate.finished()
+    assert gate.in_flight == 1
+    assert gate.check(0.0, waited=0.0) is None  # the third and last token
+    gate.opened()
+    gate.finished()
+    assert gate.check(0.0, waited=0.0) == "overloaded"  # the bucket still applies
+    unlimited = HandshakeGate(TokenBucket(rate=0.0, burst=1, now=0.0), 0.1, max_in_flight=0)
+    for _ in range(1000):
+        unlimited.opened()
+    assert unlimited.check(0.0, waited=0.0) is None
+
+
+async def test_handshakes_in_flight_are_limited_and_counted_until_the_hello(
+    make_server, make_client, events, certs
+):
+    from backbone._quic import client_configuration, open_connection
+
+    from .test_bad_input import RawPeer
+
+    # one handshake in flight at most: a connection that never sends its HELLO holds the
+    # only place until the server's hello_timeout closes it
+    async with make_server(max_handshakes_in_flight=1, hello_timeout=1.0) as server:
+        conf = client_configuration(
+            server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
+        )
+        silent = await open_connection("127.0.0.1", server.port, conf, RawPeer)
+        assert isinstance(silent, RawPeer)
+        assert server._gate.in_flight == 1
+        late = make_client("late", server.port, backoff_initial=0.1, backoff_max=0.2)
+        async with late:
+            failed = await events.wait("connect.failed", client_id="late")
+            assert failed.reason == "rejected"
+            refused = await events.wait("session.refused", reason="handshakes_in_flight")
+            assert refused.client_id is None
+            # the silent one is closed at its hello_timeout; then "late" gets in
+            await events.wait("connected", role="server", client_id="late")
+            code, _ = await asyncio.wait_for(silent.closed_code, 5)
+            assert code == ErrorCode.HELLO_TIMEOUT
+            silent.close_with(0, "done")
+            assert server._gate.in_flight == 0  # a session is no longer in flight
+            # a session that opened does not hold a place: a second client gets in at once
+            other = make_client("other", server.port)
+            async with other:
+                await other.wait_connected(5)
+            assert server._gate.in_flight == 0
 
 
 async def test_a_refused_connection_fails_at_once_before_the_tls_handshake(
