@@ -393,6 +393,9 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
         if id(sender) in mine:
             connected_at.append(time.time())
             not_yet.discard(id(sender))
+            if len(connected_at) > len(clients):  # a reconnect (the storm): its new
+                # connection objects join the frozen ones, as the ramp's do
+                _freeze_generator(len(connected_at) - len(clients))
 
     def on_disconnected(sender: Any, event: Any) -> None:
         if id(sender) in mine:
