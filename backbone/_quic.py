@@ -172,6 +172,9 @@ class QuicEndpoint(QuicConnectionProtocol):
     #: at its end (None: transmit after every datagram, as aioquic does)
     _batch: list[QuicEndpoint] | None = None
     _in_batch = False
+    #: a client connection's own socket reader (None for the server's connections, which
+    #: share the server's)
+    reader: SocketReader | None = None
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
@@ -206,6 +209,17 @@ class QuicEndpoint(QuicConnectionProtocol):
 
     def ping_acknowledged(self, uid: int) -> None:
         """The peer acknowledged the packet that carried :meth:`request_ack` ``uid``."""
+
+    def read_waiting(self) -> bool:
+        """Read, now, what waits in this connection's own socket (a client's), before a
+        verdict that depends on what the peer sent: an event loop that fell behind may
+        run a timer in the same pass as the datagram that answers it arrived, before
+        reading it.  False when the connection has no reader of its own."""
+        reader = self.reader
+        if reader is None or self.terminated_reported:
+            return False
+        reader._read_ready()
+        return True
 
     def end_batch(self) -> None:
         """A client connection read by its own :class:`SocketReader`: the reader's batch
@@ -969,7 +983,7 @@ async def open_connection(
         # one datagram per loop pass cost a pass, a handler wake-up and a transmit (an
         # ACK) per datagram of a busy connection
         protocol._batch = []
-        SocketReader(transport, protocol, timestamps=False)
+        protocol.reader = SocketReader(transport, protocol, timestamps=False)
     try:
         protocol.connect(addr)
         await protocol.ready

@@ -104,6 +104,11 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
             return
         now = self._loop.time()
         verdict = self.session.handle_timer(now)
+        if verdict is not None and self.read_waiting():
+            # the answers may be waiting in the socket, unread by a loop that fell behind
+            if self.terminated_reported:
+                return
+            verdict = self.session.handle_timer(now)
         if verdict is not None:
             hb = self.session.heartbeat
             log.warning(

@@ -283,3 +283,57 @@ async def test_a_client_pings_on_the_wall_clock_grid(make_server, make_client, e
             k = (hb.next_ping_at + hb.wall_offset) / 0.05
             assert k == pytest.approx(round(k), abs=1e-6)
             assert 0 < hb.next_ping_at - loop.time() <= 0.4 + 0.025
+
+
+async def test_a_client_reads_its_socket_before_it_declares_the_server_dead(
+    make_server, make_client, events
+):
+    # A loop that fell behind can run the heartbeat timer before reading the datagram
+    # that answers the ping.  Here the client's reader is unhooked, the server's answer
+    # to a ping waits in the socket, and the timer runs as if the silence had lasted: the
+    # client reads first, finds the answer and stays connected.
+    import os
+
+    async with make_server(heartbeat_interval=0.2, heartbeat_misses=3) as server:
+        client = make_client("lagging", server.port, heartbeat_interval=0.2, heartbeat_misses=3)
+        async with running(client):
+            await events.wait("heartbeat.acknowledged", role="client")
+            conn = client._conn
+            assert conn is not None and conn.reader is not None
+            loop = asyncio.get_running_loop()
+            fd = conn.reader._sock.fileno()
+            loop._remove_reader(fd)  # type: ignore[attr-defined]
+            try:
+                if conn._hb_timer is not None:
+                    conn._hb_timer.cancel()
+                hb = conn.session.heartbeat
+                hb.next_ping_at = loop.time()
+                conn._on_timer()  # sends a ping, re-arms
+                assert conn._hb_timer is not None
+                conn._hb_timer.cancel()
+                # wait until its answer is in the socket, without reading it: a second
+                # descriptor of the same socket, watched by the loop
+                watch = os.dup(fd)
+                arrived: asyncio.Future[None] = loop.create_future()
+                loop.add_reader(watch, lambda: arrived.done() or arrived.set_result(None))
+                try:
+                    await asyncio.wait_for(arrived, 5.0)
+                finally:
+                    loop.remove_reader(watch)
+                    os.close(watch)
+                # as if 10 s had passed with every ping unanswered
+                assert hb._sent
+                hb.last_pong_at = loop.time() - 10.0
+                for nonce in hb._sent:
+                    hb._sent[nonce] = loop.time() - 10.0
+                assert hb.server_dead(loop.time())
+                conn._on_timer()
+                assert not conn.terminated_reported
+                assert not hb.server_dead(loop.time())
+                assert hb.last_pong_at is not None and loop.time() - hb.last_pong_at < 1.0
+            finally:
+                if not conn.terminated_reported:
+                    loop._add_reader(fd, conn.reader._read_ready)  # type: ignore[attr-defined]
+            await events.wait("heartbeat.acknowledged", role="client")
+            assert client.connected
+            assert not events.of("disconnected", client_id="lagging")
