@@ -218,7 +218,10 @@ class QuicEndpoint(QuicConnectionProtocol):
         reader = self.reader
         if reader is None or self.terminated_reported:
             return False
-        reader._read_ready()
+        try:
+            reader._read_ready()
+        except Exception:  # what the reader's own callback would have reported
+            log.exception("reading the socket before a heartbeat verdict failed")
         return True
 
     def end_batch(self) -> None:
@@ -1006,7 +1009,8 @@ def release_connection(protocol: QuicEndpoint) -> None:
     table and TLS, loss-recovery and key-logging callbacks (bound methods of the
     connection), our own patches of ``_initialize`` and ``_replenish_connection_ids``
     (closures over the connection), the protocol's CID callbacks (partials holding the
-    protocol), and the endpoint's ``ended()`` hook for what the subclass holds."""
+    protocol), a client connection's own ``reader`` (which holds the protocol and its
+    ``end_batch``), and the endpoint's ``ended()`` hook for what the subclass holds."""
     quic = protocol._quic
     if quic._state is not _aioquic_connection.QuicConnectionState.TERMINATED:
         return
@@ -1023,6 +1027,7 @@ def release_connection(protocol: QuicEndpoint) -> None:
     protocol._connection_id_issued_handler = _nothing_with
     protocol._connection_id_retired_handler = _nothing_with
     protocol._connection_terminated_handler = _nothing
+    protocol.reader = None  # a client's own SocketReader holds the protocol
     protocol.ended()
 
 

@@ -21,7 +21,8 @@ def round_up(when: float, slot: float) -> float:
     connection, and each one that falls due on its own wakes the event loop: at 10,000
     clients about 330 times a second, each wake-up a few tens of µs of kernel and loop
     work on top of the check.  Rounded up, all the deadlines in one slot fall due in
-    one loop pass; a deadline is never early, and at most ``slot`` late."""
+    one loop pass; a deadline is at most ``slot`` late (and, by the float rounding of
+    the division, at most a few ulps early: the caller checks again when it fires)."""
     if slot <= 0:
         return when
     return math.ceil(when / slot) * slot
@@ -162,7 +163,8 @@ class HeartbeatScheduler:
     def dead_at(self) -> float:
         """When the server is declared dead if no pong comes: ``interval × misses`` after
         the last sign of life, and not before the oldest ping still unanswered went out
-        ``interval × (misses − 1)`` earlier (with pings every interval, the same moment).
+        ``interval × (misses − 1)`` earlier, at least one interval (with pings every
+        interval and misses ≥ 2, the same moment).
 
         The second condition is for a client whose own event loop stalled (a busy
         process, a starved CPU): it sent no pings, so the silence says nothing about the
@@ -172,7 +174,10 @@ class HeartbeatScheduler:
         if not self._sent:
             return math.inf  # nothing unanswered: the next ping is due first
         silent = self.silent_since() + self.interval * self.misses
-        return max(silent, min(self._sent.values()) + self.interval * (self.misses - 1))
+        # at least one interval for a ping to be answered (with misses = 1 a ping sent
+        # when the verdict is due would otherwise get no time at all)
+        grace = self.interval * max(1, self.misses - 1)
+        return max(silent, min(self._sent.values()) + grace)
 
     def server_dead(self, now: float) -> bool:
         return now >= self.dead_at()

@@ -109,8 +109,9 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
 
     # --- timers -------------------------------------------------------------------------
     def _arm(self, when: float) -> None:
-        slot = timer_slot(self.session.heartbeat.interval)
-        self._hb_timer = self._loop.call_at(round_up(when, slot), self._on_timer)
+        if self.session.state == "open":  # heartbeat deadlines; the HELLO's stays exact
+            when = round_up(when, timer_slot(self.session.heartbeat.interval))
+        self._hb_timer = self._loop.call_at(when, self._on_timer)
 
     def rearm(self) -> None:
         if self._hb_timer is not None:
