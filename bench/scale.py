@@ -627,7 +627,9 @@ def section(r: dict[str, Any], command: str) -> str:
         "closed-loop ramp, so the ramp itself does not overload the server; backbone admits "
         f"up to 300 new sessions/s).  Heartbeats {r['args']['hb']:g} s "
         "(backbone's default; the raw clients send a PING frame, the WebSocket clients a "
-        "WebSocket ping, at the same interval).  Server CPU is `/proc/PID/stat` of the server "
+        "WebSocket ping, at the same interval; backbone's clients send theirs on a 0.1 s "
+        "grid of the wall clock, `heartbeat_align`, the others at the phase they "
+        "connected at).  Server CPU is `/proc/PID/stat` of the server "
         "process alone; RSS is its `VmRSS`.  Broadcast time is from the wall clock just "
         "before the server's broadcast call to the last client's handler (one-way), or to "
         'the last result back (WaitAck); "server done sending" is when the server\'s '
