@@ -93,6 +93,7 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketSpace
+from aioquic.quic.retry import QuicRetryTokenHandler
 from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch, Group
 from cryptography.hazmat.primitives import serialization
@@ -670,15 +671,19 @@ class SocketReader:
 
 class Refusal(NamedTuple):
     """Why a new connection is refused, and how: ``close`` answers its Initial with
-    CONNECTION_REFUSED, so the client gives up this attempt at once; otherwise the packet
-    is dropped unanswered and the client retransmits it after its timeout."""
+    CONNECTION_REFUSED, so the client gives up this attempt at once; ``retry`` answers
+    it with a QUIC Retry (the client comes back at once with a token that proves its
+    address); otherwise the packet is dropped unanswered and the client retransmits it
+    after its timeout."""
 
     reason: str
     close: bool
+    retry: bool = False
 
 
-#: a gate sees a new connection's first packet (its peer address) and admits it (None)
-Gate = Callable[[str], Refusal | None]
+#: a gate sees a new connection's first packet (its peer address, and whether it carries
+#: a token, i.e. answers a Retry) and admits it (None)
+Gate = Callable[[str, bool], Refusal | None]
 #: answers a packet for a connection the server does not know, given its destination
 #: connection ID, the datagram's size and the peer address: the stateless reset to send
 #: back, or None
@@ -785,6 +790,10 @@ class _GatedServer(QuicServer):
     reset_token: Callable[[bytes], bytes] | None = None
     #: read by a SocketReader: the connections to transmit at the end of its batch
     batch: list[QuicEndpoint] | None = None
+    #: Retry tokens (aioquic's handler: AES-GCM over the address and connection IDs, valid
+    #: 30 s), used only for the packets the gate sends through a Retry and those that come
+    #: back with a token (aioquic's own ``_retry`` stays None otherwise)
+    retry_tokens: QuicRetryTokenHandler | None = None
 
     def __init__(
         self, *, configuration: QuicConfiguration, create_protocol: Callable[..., QuicEndpoint]
@@ -837,17 +846,37 @@ class _GatedServer(QuicServer):
         if header is not None:
             if header.packet_type == QuicPacketType.INITIAL:
                 gate = self.gate
+                tokened = bool(header.token)
                 # only an Initial of full size can open a connection
                 if gate is not None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
-                    refusal = gate(format_address(addr))
+                    refusal = gate(format_address(addr), tokened)
                     if refusal is not None:
-                        if refusal.close and self._transport is not None:
+                        if refusal.retry:
+                            self._with_retry(data, addr)  # aioquic sends the Retry
+                        elif refusal.close and self._transport is not None:
                             self._transport.sendto(refusal_packet(header, refusal.reason), addr)
                         return
+                if tokened:
+                    # the answer to our Retry: aioquic checks the token (INVALID_TOKEN if
+                    # it is not ours, or too old) and binds the connection IDs it names
+                    self._with_retry(data, addr)
+                    return
             elif header.packet_type == QuicPacketType.HANDSHAKE and self.reset is not None:
                 self._send_reset(self.reset, header.destination_cid, data, addr)
                 return
         super().datagram_received(data, addr)
+
+    def _with_retry(self, data: bytes, addr: Any) -> None:
+        """aioquic's handling of a new connection's Initial with Retry on: without a token
+        it answers with a Retry (stateless: no connection, no TLS work), with one it
+        validates it and opens the connection."""
+        if self.retry_tokens is None:
+            self.retry_tokens = QuicRetryTokenHandler()
+        self._retry = self.retry_tokens
+        try:
+            super().datagram_received(data, addr)
+        finally:
+            self._retry = None  # type: ignore[assignment]
 
     def _send_reset(self, reset: ResetHook, cid: bytes, data: bytes, addr: Any) -> None:
         packet = reset(cid, len(data), format_address(addr))

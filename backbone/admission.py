@@ -46,6 +46,10 @@ class HandshakeGate:
     * ``server_behind`` — that packet waited longer than ``behind_after`` seconds in the
       server's socket: the server is not keeping up with the clients it has, and a
       handshake now would push it further behind (no token is taken);
+    * ``retry`` — half of ``max_in_flight`` or more are taken and the packet carries no
+      token: it is answered with a QUIC Retry, and only a client that receives it (a
+      real one, at the address the packet claims) comes back, with a token, to take a
+      place.  Spoofed Initials then cannot hold the places (no token is taken);
     * ``handshakes_in_flight`` — ``max_in_flight`` connections are already between their
       first packet and their HELLO: new ones wait until some of those finish (no token
       is taken);
@@ -73,11 +77,16 @@ class HandshakeGate:
         #: connections admitted whose handshake and HELLO have not finished yet
         self.in_flight = 0
 
-    def check(self, now: float, waited: float) -> str | None:
+    def check(self, now: float, waited: float, validated: bool = False) -> str | None:
+        """``validated``: the packet carries a token (it answers our Retry)."""
         if waited > self.behind_after:
             return "server_behind"
-        if self.max_in_flight and self.in_flight >= self.max_in_flight:
-            return "handshakes_in_flight"
+        limit = self.max_in_flight
+        if limit:
+            if not validated and self.in_flight >= (limit + 1) // 2:
+                return "retry"
+            if self.in_flight >= limit:
+                return "handshakes_in_flight"
         if not self.bucket.try_take(now):
             return "overloaded"
         return None

@@ -269,6 +269,8 @@ class Server(HandlerOwner, PendingOwner):
         self._reader: SocketReader | None = None
         self._timers_late_at = -math.inf
         self.refused_handshakes = 0
+        #: new connections answered with a QUIC Retry (address validation under load)
+        self.retries_sent = 0
         self._refusals_logged_at = -math.inf
         self._refusals_unlogged = 0
         self._dropped_reported = 0
@@ -436,17 +438,22 @@ class Server(HandlerOwner, PendingOwner):
         late_read = self._reader.late_at if self._reader is not None else -math.inf
         return max(late_read, self._timers_late_at)
 
-    def _admit_handshake(self, peer: str) -> Refusal | None:
+    def _admit_handshake(self, peer: str, validated: bool = False) -> Refusal | None:
         """The gate before the TLS handshake of a new connection: None to admit it.
-        ``overloaded`` (the session budget is spent) is answered with CONNECTION_REFUSED:
-        the client backs off.  ``server_behind`` is dropped: the client retransmits its
+        ``overloaded`` (the session budget is spent) and ``handshakes_in_flight`` are
+        answered with CONNECTION_REFUSED: the client backs off.  ``retry`` (half the
+        places taken, no token) is answered with a QUIC Retry: a real client comes back
+        at once with a token.  ``server_behind`` is dropped: the client retransmits its
         Initial after its own timeout, by when the server may have caught up — a burst of
         handshakes that queues behind itself is slowed down, not failed."""
         now = self._loop.time()
         waited = self._reader.waited if self._reader is not None else 0.0
-        reason = self._gate.check(now, waited)
+        reason = self._gate.check(now, waited, validated)
         if reason is None:
             return None
+        if reason == "retry":
+            self.retries_sent += 1
+            return Refusal(reason, close=False, retry=True)
         self.refused_handshakes += 1
         self._refusals_unlogged += 1
         if now - self._refusals_logged_at >= 1.0:  # one line per second at most

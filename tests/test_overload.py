@@ -234,25 +234,81 @@ def test_gate_admits_within_the_budget_and_none_while_behind():
 
 
 def test_gate_admits_no_more_than_max_in_flight_handshakes():
-    gate = HandshakeGate(TokenBucket(rate=100.0, burst=3, now=0.0), 0.1, max_in_flight=2)
+    gate = HandshakeGate(TokenBucket(rate=100.0, burst=4, now=0.0), 0.1, max_in_flight=4)
     assert gate.check(0.0, waited=0.0) is None
     gate.opened()
     assert gate.check(0.0, waited=0.0) is None
     gate.opened()
-    # two open: refused, and no token taken for it
-    assert gate.check(0.0, waited=0.0) == "handshakes_in_flight"
-    assert gate.check(0.0, waited=0.0) == "handshakes_in_flight"
+    # half the places taken: a packet without a token is sent through a Retry (no token
+    # of the bucket taken), one that answers a Retry still gets a place
+    assert gate.check(0.0, waited=0.0) == "retry"
+    assert gate.check(0.0, waited=0.0, validated=True) is None
+    gate.opened()
+    assert gate.check(0.0, waited=0.0, validated=True) is None  # the bucket's last token
+    gate.opened()
+    # all four open: refused, with or without a token, and no bucket token taken
+    assert gate.check(0.0, waited=0.0, validated=True) == "handshakes_in_flight"
+    assert gate.check(0.0, waited=0.0) == "retry"
     assert gate.check(0.0, waited=0.5) == "server_behind"  # behind is still said first
-    gate.finished()
+    for _ in range(3):
+        gate.finished()
     assert gate.in_flight == 1
-    assert gate.check(0.0, waited=0.0) is None  # the third and last token
-    gate.opened()
-    gate.finished()
     assert gate.check(0.0, waited=0.0) == "overloaded"  # the bucket still applies
+    assert gate.check(0.01, waited=0.0) is None  # refilled one token
     unlimited = HandshakeGate(TokenBucket(rate=0.0, burst=1, now=0.0), 0.1, max_in_flight=0)
     for _ in range(1000):
         unlimited.opened()
     assert unlimited.check(0.0, waited=0.0) is None
+
+
+def _bare_initial(i: int) -> bytes:
+    """A client's first Initial, as a spoofed flood sends it: nobody will answer what
+    the server sends back."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    from backbone.frames import ALPN
+
+    conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
+    conn = QuicConnection(configuration=conf)
+    conn.connect(("127.0.0.1", 9), now=0.0)
+    [(data, _addr)] = conn.datagrams_to_send(now=0.0)
+    return data
+
+
+async def test_spoofed_initials_cannot_take_the_places_of_real_clients(
+    make_server, make_client, events
+):
+    import socket
+
+    # 4 places; from 2 taken on, an Initial without a token gets a QUIC Retry, which a
+    # spoofed sender never answers.  Without the Retry, the flood would hold all 4 places
+    # until hello_timeout and the real client would be refused.
+    # (5 s heartbeats: the server counts as behind only after 1 s, not 0.2 s, so a slow
+    # first handshake on a loaded machine does not make it drop the rest of the flood)
+    async with make_server(
+        max_handshakes_in_flight=4, hello_timeout=5.0, heartbeat_interval=5.0
+    ) as server:
+        flood = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            for i in range(20):
+                flood.sendto(_bare_initial(i), ("127.0.0.1", server.port))
+            deadline = time.monotonic() + 5.0
+            def handled() -> int:
+                return server._gate.in_flight + server.retries_sent + server.refused_handshakes
+
+            while handled() < 20:
+                assert time.monotonic() < deadline, handled()
+                await asyncio.sleep(0.01)
+            assert (server._gate.in_flight, server.retries_sent) == (2, 18)
+            assert server.refused_handshakes == 0
+            real = make_client("real", server.port)
+            async with real:
+                await real.wait_connected(5)  # through a Retry: 2 places taken
+            assert server.retries_sent == 19
+            assert not events.of("session.refused")
+        finally:
+            flood.close()
 
 
 async def test_handshakes_in_flight_are_limited_and_counted_until_the_hello(
