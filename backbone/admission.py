@@ -3,6 +3,8 @@ packet, before any TLS work.  Pure: time comes in as ``now``."""
 
 from __future__ import annotations
 
+import math
+
 
 class TokenBucket:
     """Allows ``rate`` events per second on average and bursts of up to ``burst``.
@@ -46,10 +48,10 @@ class HandshakeGate:
     * ``server_behind`` — that packet waited longer than ``behind_after`` seconds in the
       server's socket: the server is not keeping up with the clients it has, and a
       handshake now would push it further behind (no token is taken);
-    * ``retry`` — half of ``max_in_flight`` or more are taken and the packet carries no
-      token: it is answered with a QUIC Retry, and only a client that receives it (a
-      real one, at the address the packet claims) comes back, with a token, to take a
-      place.  Spoofed Initials then cannot hold the places (no token is taken);
+    * ``retry`` — ``retry_above`` of ``max_in_flight`` (half) or more are taken and the
+      packet carries no token: it is answered with a QUIC Retry, and only a client that
+      receives it (a real one, at the address the packet claims) comes back, with a
+      token, to take a place.  Spoofed Initials then cannot hold the places (no token is taken);
     * ``handshakes_in_flight`` — ``max_in_flight`` connections are already between their
       first packet and their HELLO: new ones wait until some of those finish (no token
       is taken);
@@ -65,15 +67,21 @@ class HandshakeGate:
     rest are refused at once, for the cost of one packet, and back off.
     """
 
-    __slots__ = ("behind_after", "bucket", "in_flight", "max_in_flight")
+    __slots__ = ("behind_after", "bucket", "in_flight", "max_in_flight", "retry_from")
 
     def __init__(
-        self, bucket: TokenBucket, behind_after: float, max_in_flight: int = 0
+        self,
+        bucket: TokenBucket,
+        behind_after: float,
+        max_in_flight: int = 0,
+        retry_above: float = 0.5,
     ) -> None:
         self.bucket = bucket
         self.behind_after = behind_after
         #: 0: no limit
         self.max_in_flight = max_in_flight
+        #: from this many in flight on, a packet without a token gets a Retry (None: never)
+        self.retry_from = None if retry_above >= 1 else math.ceil(max_in_flight * retry_above)
         #: connections admitted whose handshake and HELLO have not finished yet
         self.in_flight = 0
 
@@ -83,7 +91,8 @@ class HandshakeGate:
             return "server_behind"
         limit = self.max_in_flight
         if limit:
-            if not validated and self.in_flight >= (limit + 1) // 2:
+            retry_from = self.retry_from
+            if not validated and retry_from is not None and self.in_flight >= retry_from:
                 return "retry"
             if self.in_flight >= limit:
                 return "handshakes_in_flight"

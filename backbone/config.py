@@ -86,6 +86,14 @@ class ServerConfig(_Common):
         "is admitted as fast as handshakes complete; from half of it on, a new connection "
         "first proves its address with a QUIC Retry (0: no limit, no Retry)",
     )
+    retry_above: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="the share of max_handshakes_in_flight taken from which a new "
+        "connection must first prove its address with a QUIC Retry, so spoofed Initials "
+        "cannot hold the places (0: always; 1: never)",
+    )
     overload_window: float = Field(
         5.0,
         ge=0,

@@ -312,8 +312,9 @@ class Server(HandlerOwner, PendingOwner):
             self.config.admission_burst,
             self._loop.time(),
         )
+        cfg = self.config
         self._gate = HandshakeGate(
-            self._admission, self.config.behind_after, self.config.max_handshakes_in_flight
+            self._admission, cfg.behind_after, cfg.max_handshakes_in_flight, cfg.retry_above
         )
         self._wall_offset = time.time() - self._loop.time()
         for plugin in self.plugins:

@@ -212,6 +212,8 @@ async def bb_server_main(args: argparse.Namespace) -> None:
     settings: dict[str, Any] = {}
     if args.admission is not None:
         settings["max_new_sessions_per_second"] = args.admission
+    if args.retry_above is not None:
+        settings["retry_above"] = args.retry_above
     server = Server(
         args.host,
         args.port,
@@ -909,6 +911,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share-epochs", action="store_true", help="server: cache EPOCHS()")
     p.add_argument("--tracemalloc", type=int, default=0, help="server: frames to trace")
     p.add_argument("--admission", type=float, default=None)
+    p.add_argument("--retry-above", type=float, default=None, help="server: retry_above")
     return p
 
 

@@ -151,6 +151,8 @@ class Fleet:
             argv.append("--release")
         if epochs:
             argv.append("--share-epochs")
+        if getattr(self.args, "retry_above", None) is not None:
+            argv += ["--retry-above", str(self.args.retry_above)]
         return argv
 
     async def start_server(self, port: int = 0, **kw: Any) -> float:
@@ -905,6 +907,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1k clients, short windows")
     ap.add_argument("--clients", type=int, nargs="+", default=None)
     ap.add_argument("--generators", type=int, default=4, help="load-generator processes")
+    ap.add_argument(
+        "--retry-above",
+        type=float,
+        default=None,
+        help="backbone server: retry_above (default: the server's default, 0.5)",
+    )
     ap.add_argument(
         "--storm-nice",
         type=int,

@@ -255,6 +255,15 @@ def test_gate_admits_no_more_than_max_in_flight_handshakes():
     assert gate.in_flight == 1
     assert gate.check(0.0, waited=0.0) == "overloaded"  # the bucket still applies
     assert gate.check(0.01, waited=0.0) is None  # refilled one token
+    # retry_above: 1 never sends a Retry, 0 always does (for packets without a token)
+    never = HandshakeGate(TokenBucket(0.0, 1, 0.0), 0.1, max_in_flight=4, retry_above=1.0)
+    always = HandshakeGate(TokenBucket(0.0, 1, 0.0), 0.1, max_in_flight=4, retry_above=0.0)
+    for _ in range(3):
+        never.opened()
+        always.opened()
+    assert never.check(0.0, waited=0.0) is None
+    assert always.check(0.0, waited=0.0) == "retry"
+    assert always.check(0.0, waited=0.0, validated=True) is None
     unlimited = HandshakeGate(TokenBucket(rate=0.0, burst=1, now=0.0), 0.1, max_in_flight=0)
     for _ in range(1000):
         unlimited.opened()
