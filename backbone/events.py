@@ -63,17 +63,7 @@ def _builder(cls: type[_E]) -> Callable[..., _E]:
     keyword-only arguments (required ones without a default) and building the event's
     ``__dict__`` as one dict display in declaration order.  Python's own argument
     checks refuse unknown and missing fields; no kwargs dict, copy or merge per call."""
-    env: dict[str, Any] = {
-        "_cls": cls,
-        "_seq": _seq,
-        "_now": time.time,
-        "_new": object.__new__,
-        "_put": object.__setattr__,
-        "_set_fields_set": _slot("__pydantic_fields_set__"),
-        "_set_extra": _slot("__pydantic_extra__"),
-        "_set_private": _slot("__pydantic_private__"),
-        "_all": frozenset(cls.model_fields),
-    }
+    env: dict[str, Any] = {"_seq": _seq, "_now": time.time}
     params: list[str] = []
     items: list[str] = []
     for name, f in cls.model_fields.items():
@@ -96,19 +86,7 @@ def _builder(cls: type[_E]) -> Callable[..., _E]:
             params.append(f"{name}=_default_{name}")
             value = name
         items.append(f"{name!r}: {value}")
-    source = (
-        f"def unchecked(*, {', '.join(params)}):\n"
-        "    event = _new(_cls)\n"
-        f"    _put(event, '__dict__', {{{', '.join(items)}}})\n"
-        "    _set_fields_set(event, set(_all))\n"
-        "    _set_extra(event, None)\n"
-        "    _set_private(event, None)\n"
-        "    return event\n"
-    )
-    exec(source, env)  # the source is made of the class's own field names
-    fn: Callable[..., _E] = env["unchecked"]
-    fn.__qualname__ = f"{cls.__name__}.unchecked"
-    return fn
+    return _generate(cls, "unchecked", f"*, {', '.join(params)}", "", items, env)
 
 
 def _slot(name: str) -> Callable[[Any, Any], None]:
@@ -122,21 +100,37 @@ def _row_builder(cls: type[_E], fields: tuple[str, ...]) -> Callable[..., _E]:
     row holding ``fields`` (:data:`STEP_FIELDS`) in order: the event the core emits for
     that step, built as ``unchecked`` builds it (one dict display, no validation), with
     the row's own ``seq`` and ``at``."""
-    env: dict[str, Any] = {
-        "_cls": cls,
-        "_kind": cls.model_fields["kind"].default,
-        "_new": object.__new__,
-        "_put": object.__setattr__,
-        "_set_fields_set": _slot("__pydantic_fields_set__"),
-        "_set_extra": _slot("__pydantic_extra__"),
-        "_set_private": _slot("__pydantic_private__"),
-        "_all": frozenset(cls.model_fields),
-    }
+    env: dict[str, Any] = {"_kind": cls.model_fields["kind"].default}
     common = {"kind": "_kind", "role": "role", "client_id": "client_id"}
     items = [f"{name!r}: {common.get(name, '_v_' + name)}" for name in cls.model_fields]
+    unpack = f"    {', '.join('_v_' + name for name in fields)}, = row\n"
+    return _generate(cls, "from_row", "role, client_id, row", unpack, items, env)
+
+
+def _generate(
+    cls: type[_E],
+    name: str,
+    signature: str,
+    first_lines: str,
+    items: list[str],
+    env: dict[str, Any],
+) -> Callable[..., _E]:
+    """Compile ``def name(signature)`` for ``cls``: ``first_lines``, then the event
+    built from the dict display ``items`` the way pydantic's ``model_construct`` leaves
+    it (every field set, no extra, no private), without validation.  ``env`` holds
+    what ``items`` refer to; the pieces every builder needs are added here."""
+    env.update(
+        _cls=cls,
+        _new=object.__new__,
+        _put=object.__setattr__,
+        _set_fields_set=_slot("__pydantic_fields_set__"),
+        _set_extra=_slot("__pydantic_extra__"),
+        _set_private=_slot("__pydantic_private__"),
+        _all=frozenset(cls.model_fields),
+    )
     source = (
-        "def from_row(role, client_id, row):\n"
-        f"    {', '.join('_v_' + name for name in fields)}, = row\n"
+        f"def {name}({signature}):\n"
+        f"{first_lines}"
         "    event = _new(_cls)\n"
         f"    _put(event, '__dict__', {{{', '.join(items)}}})\n"
         "    _set_fields_set(event, set(_all))\n"
@@ -145,8 +139,8 @@ def _row_builder(cls: type[_E], fields: tuple[str, ...]) -> Callable[..., _E]:
         "    return event\n"
     )
     exec(source, env)  # the source is made of the class's own field names
-    fn: Callable[..., _E] = env["from_row"]
-    fn.__qualname__ = f"{cls.__name__}.from_row"
+    fn: Callable[..., _E] = env[name]
+    fn.__qualname__ = f"{cls.__name__}.{name}"
     return fn
 
 
