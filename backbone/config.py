@@ -83,8 +83,8 @@ class ServerConfig(_Common):
         ge=0,
         description="admission control: connections between their first packet and their "
         "HELLO at most; more are refused before the TLS handshake and back off, so a storm "
-        "is admitted as fast as handshakes complete; from half of it on, a new connection "
-        "first proves its address with a QUIC Retry (0: no limit, no Retry)",
+        "is admitted as fast as handshakes complete; from retry_above of it on, a new "
+        "connection first proves its address with a QUIC Retry (0: no limit, no Retry)",
     )
     retry_above: float = Field(
         0.5,

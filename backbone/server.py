@@ -442,8 +442,8 @@ class Server(HandlerOwner, PendingOwner):
     def _admit_handshake(self, peer: str, validated: bool = False) -> Refusal | None:
         """The gate before the TLS handshake of a new connection: None to admit it.
         ``overloaded`` (the session budget is spent) and ``handshakes_in_flight`` are
-        answered with CONNECTION_REFUSED: the client backs off.  ``retry`` (half the
-        places taken, no token) is answered with a QUIC Retry: a real client comes back
+        answered with CONNECTION_REFUSED: the client backs off.  ``retry`` (``retry_above``
+        of the places taken, no token) is answered with a QUIC Retry: a real client comes back
         at once with a token.  ``server_behind`` is dropped: the client retransmits its
         Initial after its own timeout, by when the server may have caught up — a burst of
         handshakes that queues behind itself is slowed down, not failed."""
