@@ -270,19 +270,54 @@ def test_gate_admits_no_more_than_max_in_flight_handshakes():
     assert unlimited.check(0.0, waited=0.0) is None
 
 
-def _bare_initial(i: int) -> bytes:
-    """A client's first Initial, as a spoofed flood sends it: nobody will answer what
-    the server sends back."""
+def _initial(token: bytes = b"") -> tuple[Any, bytes]:
+    """A client connection and its first Initial (with ``token``, as if answering a
+    Retry)."""
     from aioquic.quic.configuration import QuicConfiguration
     from aioquic.quic.connection import QuicConnection
 
     from backbone.frames import ALPN
 
-    conf = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], server_name="localhost")
+    conf = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], server_name="localhost", token=token
+    )
     conn = QuicConnection(configuration=conf)
     conn.connect(("127.0.0.1", 9), now=0.0)
     [(data, _addr)] = conn.datagrams_to_send(now=0.0)
-    return data
+    return conn, data
+
+
+def _bare_initial(i: int) -> bytes:
+    """A client's first Initial, as a spoofed flood sends it: nobody will answer what
+    the server sends back."""
+    return _initial()[1]
+
+
+async def test_a_forged_retry_token_is_closed_with_invalid_token(make_server, make_client):
+    import socket
+
+    from aioquic.quic.events import ConnectionTerminated
+    from aioquic.quic.packet import QuicErrorCode
+
+    async with make_server(max_handshakes_in_flight=4) as server:
+        conn, data = _initial(token=bytes(64))
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            sock.sendto(data, ("127.0.0.1", server.port))
+            loop = asyncio.get_running_loop()
+            reply = await asyncio.wait_for(loop.sock_recv(sock, 2048), 5.0)
+        finally:
+            sock.close()
+        # (the address the connection was made for: aioquic takes an Initial only from it)
+        conn.receive_datagram(reply, ("127.0.0.1", 9), now=0.0)
+        conn.handle_timer(now=conn.get_timer())  # the end of the draining period
+        ended = [e for e in iter(conn.next_event, None) if isinstance(e, ConnectionTerminated)]
+        assert [e.error_code for e in ended] == [QuicErrorCode.INVALID_TOKEN]
+        assert server._gate.in_flight == 0  # no connection was opened for it
+        real = make_client("real", server.port)
+        async with real:
+            await real.wait_connected(5)
 
 
 async def test_spoofed_initials_cannot_take_the_places_of_real_clients(
