@@ -679,6 +679,8 @@ class Refusal(NamedTuple):
     reason: str
     close: bool
     retry: bool = False
+    #: the CONNECTION_REFUSED reason phrase (``reason`` when empty)
+    phrase: str = ""
 
 
 #: a gate sees a new connection's first packet (its peer address, and whether it carries
@@ -854,7 +856,9 @@ class _GatedServer(QuicServer):
                         if refusal.retry:
                             self._with_retry(data, addr)  # aioquic sends the Retry
                         elif refusal.close and self._transport is not None:
-                            self._transport.sendto(refusal_packet(header, refusal.reason), addr)
+                            self._transport.sendto(
+                                refusal_packet(header, refusal.phrase or refusal.reason), addr
+                            )
                         return
                 if tokened:
                     # the answer to our Retry: aioquic checks the token (INVALID_TOKEN if

@@ -22,6 +22,7 @@ from ._quic import (
     describe_close,
     open_connection,
 )
+from .admission import parse_refusal_hint
 from .backoff import Backoff
 from .config import ClientConfig
 from .errors import (
@@ -236,6 +237,16 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
             self.welcomed.exception()
 
 
+def _come_back_hint(conn: _ClientConnection | None, category: str) -> GoAway | None:
+    """When a refusal before the handshake says to come back (protocol.md §14)."""
+    if conn is None or category != "rejected":
+        return None
+    hint = parse_refusal_hint(conn.close_reason)
+    if hint is None:
+        return None
+    return GoAway(conn.close_reason.split(" ", 1)[0], hint[0], hint[1])
+
+
 def _close_category(
     code: int | None, by_transport: bool = False, stateless_reset: bool = False
 ) -> str:
@@ -420,7 +431,7 @@ class Client(HandlerOwner, PendingOwner):
                         if conn is not None
                         else "error"
                     )
-                    raise ConnectError(cat, str(exc)) from None
+                    raise ConnectError(cat, str(exc), _come_back_hint(conn, cat)) from None
                 conn = holder[0]
                 self._conn = conn
                 try:
@@ -563,7 +574,11 @@ class Client(HandlerOwner, PendingOwner):
         if self._closing:
             return
         if goaway is not None:
-            delay = goaway.retry_after + self._rng.random() * goaway.window
+            # the server said when (a GOAWAY, or a refusal's hint); never later than our
+            # own backoff's cap
+            delay = min(
+                goaway.retry_after + self._rng.random() * goaway.window, self.backoff.maximum
+            )
         else:
             delay = self.backoff.next_delay()
         self._set_state(ClientState.BACKOFF, reason)

@@ -95,10 +95,11 @@ class ServerConfig(_Common):
         "cannot hold the places (0: always; 1: never)",
     )
     overload_window: float = Field(
-        5.0,
+        1.0,
         ge=0,
-        description="the spread window reported with session.refused (admission control "
-        "refuses before the handshake; refused clients back off on their own)",
+        description="a connection refused before its handshake is told to come back at "
+        "its place in the server's return schedule plus up to this many seconds at random "
+        "(the reason phrase's window, and session.refused's)",
     )
     max_receive_delay: float = Field(
         2.0,

@@ -24,7 +24,7 @@ from ._quic import (
     server_connections,
     start_server,
 )
-from .admission import HandshakeGate, TokenBucket
+from .admission import HandshakeGate, TokenBucket, refusal_phrase
 from .config import ServerConfig
 from .errors import (
     BackboneError,
@@ -442,7 +442,9 @@ class Server(HandlerOwner, PendingOwner):
     def _admit_handshake(self, peer: str, validated: bool = False) -> Refusal | None:
         """The gate before the TLS handshake of a new connection: None to admit it.
         ``overloaded`` (the session budget is spent) and ``handshakes_in_flight`` are
-        answered with CONNECTION_REFUSED: the client backs off.  ``retry`` (``retry_above``
+        answered with CONNECTION_REFUSED, whose reason phrase tells the client when to come
+        back (its slot in the gate's return schedule): refused clients return at about the
+        rate the server admits them.  ``retry`` (``retry_above``
         of the places taken, no token) is answered with a QUIC Retry: a real client comes back
         at once with a token.  ``server_behind`` is dropped: the client retransmits its
         Initial after its own timeout, by when the server may have caught up — a burst of
@@ -456,6 +458,9 @@ class Server(HandlerOwner, PendingOwner):
             self.retries_sent += 1
             return Refusal(reason, close=False, retry=True)
         self.refused_handshakes += 1
+        retry_after = 0.0
+        if reason != "server_behind":  # dropped unanswered: nothing to tell
+            retry_after = self._gate.come_back_in(now, reason)
         self._refusals_unlogged += 1
         if now - self._refusals_logged_at >= 1.0:  # one line per second at most
             log.warning(
@@ -475,11 +480,14 @@ class Server(HandlerOwner, PendingOwner):
                     client_id=None,  # not known before the handshake
                     peer=peer,
                     reason=reason,
-                    retry_after=self._admission.wait_time(now),
+                    retry_after=retry_after,
                     window=self.config.overload_window,
                 ),
             )
-        return Refusal(reason, close=reason != "server_behind")
+        if reason == "server_behind":
+            return Refusal(reason, close=False)
+        phrase = refusal_phrase(reason, retry_after, self.config.overload_window)
+        return Refusal(reason, close=True, phrase=phrase)
 
     def stats(self) -> Stats:
         """Live figures (SC-010): connections, msgs/s in and out over the last ~10 s,

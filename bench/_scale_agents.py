@@ -240,7 +240,12 @@ async def bb_server_main(args: argparse.Namespace) -> None:
         _keep.append(asyncio.ensure_future(_sampler(lambda: len(server))))
 
     async def count(cmd: dict[str, Any]) -> dict[str, Any]:
-        return {"clients": len(server), "t": time.time()}
+        return {
+            "clients": len(server),
+            "t": time.time(),
+            "refused": server.refused_handshakes,
+            "retries": server.retries_sent,
+        }
 
     async def broadcast(cmd: dict[str, Any]) -> dict[str, Any]:
         wait = bool(cmd.get("wait_ack"))

@@ -414,6 +414,10 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         if counts and counts[-1]["n"] >= n:
             break
     cpu = proc_cpu(pid) - c0
+    gate: dict[str, Any] = {}
+    if fleet.stack == "backbone":
+        with contextlib.suppress(Exception):
+            gate = await server.request("count", timeout=30)
     samples = [(e["t"] - t_listen, int(e["n"])) for e in server.events if e["event"] == "count"]
     after = await fleet.gen_status(since=t_kill)
 
@@ -442,6 +446,8 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         "connect_failures": fails,
         "client_reconnects": len(client_times),
         "server_cpu_s": cpu,
+        "server_refusals": gate.get("refused"),
+        "server_retries": gate.get("retries"),
         "server_peak_rss_kib": peak_rss,
         "curve": samples,
         "client_curve": client_times,
@@ -729,6 +735,8 @@ def section(r: dict[str, Any], command: str) -> str:
             f"| clients that gave up | {st['gave_up']} |",
             f"| failed connect attempts during the storm, by reason | {fails or 'none'} |",
             f"| server CPU during the storm | {st['server_cpu_s']:.1f} s |",
+            f"| server: connections refused before the handshake / QUIC Retries sent | "
+            f"{_f(st.get('server_refusals'), '{:,}')} / {_f(st.get('server_retries'), '{:,}')} |",
             f"| server peak RSS during the storm | {st['server_peak_rss_kib'] / 1024:,.0f} MiB |",
             "",
             "The restarted server (same port; its reset key is derived from its TLS key) "
@@ -737,9 +745,10 @@ def section(r: dict[str, Any], command: str) -> str:
             "`stateless_reset`) instead of waiting 45 s for its heartbeat timeout.  A "
             "client sends its next packet when its next PING is due, so the clients learn "
             "of the restart spread over one heartbeat interval (15 s), which is the slope "
-            "of the first half of the curve; then backoff (1 s doubling to 60 s, with "
-            "jitter), admission control (300 new sessions/s) and the handshakes set the "
-            "pace.  The raw and WebSocket baselines have no "
+            "of the first half of the curve; then admission control (300 new sessions/s, "
+            "at most 256 handshakes in flight; each refused client is told when to come "
+            "back, its slot in a schedule at the rate the server admits) and the "
+            "handshakes set the pace.  The raw and WebSocket baselines have no "
             "reconnect logic of their own and are not run in this scenario.",
         ]
     mem = r.get("memory")

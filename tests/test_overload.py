@@ -24,6 +24,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+import pytest
+
 from backbone import AckTimeout, ClientGone, ClientNotConnected, Server, signals
 from backbone.admission import HandshakeGate, TokenBucket
 from backbone.errors import ErrorCode
@@ -268,6 +270,92 @@ def test_gate_admits_no_more_than_max_in_flight_handshakes():
     for _ in range(1000):
         unlimited.opened()
     assert unlimited.check(0.0, waited=0.0) is None
+
+
+def test_refused_clients_are_given_slots_at_the_admission_rate():
+    from backbone.admission import ReturnSchedule
+
+    returns = ReturnSchedule(first=0.5, longest=3.0)
+    # ten refused at once, 4 admitted a second: back 0.25 s apart, from 0.5 s on
+    slots = [returns.next_slot(10.0, rate=4.0) for _ in range(10)]
+    assert slots == pytest.approx([0.5 + 0.25 * i for i in range(10)])
+    # none further than `longest`: those get `longest` and take no slot
+    assert [returns.next_slot(10.0, rate=4.0) for _ in range(3)] == [3.0, 3.0, 3.0]
+    # time passes: the next slot is after the last one given, or `first` from now
+    assert returns.next_slot(11.0, rate=4.0) == pytest.approx(2.0)  # 13.0 - 11.0
+    assert returns.next_slot(20.0, rate=1.0) == pytest.approx(0.5)
+    assert returns.next_slot(20.0, rate=1.0) == pytest.approx(1.5)
+
+
+def test_the_return_rate_follows_the_budget_or_how_fast_handshakes_finish():
+    from backbone.admission import RATE_MEMORY
+
+    gate = HandshakeGate(TokenBucket(rate=50.0, burst=4, now=0.0), 0.1, max_in_flight=8)
+    # the budget is spent: its rate; places all taken, nothing measured yet: the same
+    assert gate.admit_rate(0.0, "overloaded") == 50.0
+    assert gate.admit_rate(0.0, "handshakes_in_flight") == 50.0
+    for _ in range(8):
+        gate.opened()
+    for _ in range(5):  # 5 finish in the next 2 s: 2.5 a second
+        gate.finished()
+    assert gate.admit_rate(2.0, "handshakes_in_flight") == pytest.approx(2.5)
+    assert gate.admit_rate(2.0, "overloaded") == 50.0
+    for _ in range(3):
+        gate.finished()
+    assert gate.admit_rate(2.5, "handshakes_in_flight") == pytest.approx(2.5)  # < 1 s: kept
+    assert gate.admit_rate(3.5, "handshakes_in_flight") == pytest.approx(3 / 1.5)
+    # never below MIN_ADMIT_RATE, never above the budget
+    assert gate.admit_rate(5.0, "handshakes_in_flight") == 1.0
+    for _ in range(200):
+        gate.opened()
+        gate.finished()
+    assert gate.admit_rate(6.0, "handshakes_in_flight") == 50.0
+    # an old measurement is forgotten: it was another overload
+    later = 6.0 + RATE_MEMORY + 1
+    assert gate.admit_rate(later, "handshakes_in_flight") == 50.0
+    assert gate.finish_rate is None
+    # slots of the gate's schedule: 1 / rate apart
+    first = gate.come_back_in(later, "overloaded")
+    assert gate.come_back_in(later, "overloaded") == pytest.approx(first + 1 / 50.0)
+    unlimited = HandshakeGate(TokenBucket(rate=0.0, burst=1, now=0.0), 0.1, max_in_flight=4)
+    assert unlimited.admit_rate(0.0, "handshakes_in_flight") == 4.0
+
+
+def test_a_refusal_phrase_carries_when_to_come_back():
+    from backbone.admission import parse_refusal_hint, refusal_phrase
+
+    phrase = refusal_phrase("handshakes_in_flight", 12.3456, 1.0)
+    assert phrase == "handshakes_in_flight retry_after=12.346 window=1.000"
+    assert len(phrase.encode()) <= 100  # what the refusal packet carries
+    assert parse_refusal_hint(phrase) == (12.346, 1.0)
+    assert parse_refusal_hint("overloaded") is None  # an older server: back off
+    assert parse_refusal_hint("overloaded retry_after=x window=1") is None
+
+
+async def test_a_refused_client_comes_back_when_the_server_says_not_after_its_backoff(
+    make_server, make_client, events
+):
+    # one session every 2 s; the refused client's own backoff would wait 24-30 s
+    async with make_server(
+        max_new_sessions_per_second=0.5, admission_burst=1, overload_window=0.2
+    ) as server:
+        first = make_client("first", server.port)
+        late = make_client("late", server.port, backoff_initial=30.0, backoff_max=60.0)
+        async with first:
+            await first.wait_connected(5)
+            async with late:
+                await events.wait("connected", role="server", client_id="late", timeout=10)
+        refusals = events.of("session.refused", role="server")
+        scheduled = events.of("reconnect.scheduled", client_id="late")
+        failed = events.of("connect.failed", client_id="late")
+        assert refusals and len(scheduled) == len(refusals) == len(failed)
+        for refused, plan, fail in zip(refusals, scheduled, failed, strict=True):
+            assert fail.reason == "rejected" and "retry_after=" in fail.detail
+            assert refused.reason == "overloaded" and refused.window == 0.2
+            # the client waits its slot, up to the window more: not its backoff
+            assert refused.retry_after <= plan.delay <= refused.retry_after + 0.2
+            assert plan.delay < 3.0
+        assert late.backoff.attempt == 0  # the hints did not grow its backoff
 
 
 def _initial(token: bytes = b"") -> tuple[Any, bytes]:
