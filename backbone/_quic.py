@@ -1027,6 +1027,7 @@ async def open_connection(
         if not protocol.terminated_reported:
             protocol.close_with(0, "connect abandoned")
         transport.close()
+        discard_connection(protocol)
         raise
     return protocol
 
@@ -1062,6 +1063,31 @@ def release_connection(protocol: QuicEndpoint) -> None:
     protocol._connection_terminated_handler = _nothing
     protocol.reader = None  # a client's own SocketReader holds the protocol
     protocol.ended()
+
+
+def discard_connection(protocol: QuicEndpoint) -> None:
+    """A connection whose socket we closed ourselves (a client's failed connect attempt):
+    nothing can arrive or leave any more, so end aioquic's connection now instead of after
+    its closing or draining period, and break its reference cycles (:func:`release_connection`).
+
+    Without this its timer is never armed again (``transmit`` skips a closed socket), it
+    never reaches TERMINATED, and it waits for the cyclic collector: in a 10,000-client
+    restart storm the load generators' refused attempts made their garbage collector 74 s
+    of their 137 s of CPU."""
+    timer = protocol._timer
+    if timer is not None:
+        timer.cancel()
+        protocol._timer = None
+    quic = protocol._quic
+    if quic._state is not _aioquic_connection.QuicConnectionState.TERMINATED:
+        if quic._close_event is None:
+            quic._close_event = ConnectionTerminated(
+                error_code=QuicErrorCode.NO_ERROR,
+                frame_type=None,
+                reason_phrase="connect attempt abandoned",
+            )
+        quic._close_end()
+    release_connection(protocol)
 
 
 def _nothing() -> None:

@@ -461,6 +461,7 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
             "gave_up": stopped,
             "connected_times": [t for t in connected_at if t >= since] if since else [],
             "rss_kib": rss_kib(),
+            "gc_s": _gc["s"],
         }
 
     async def recv(cmd: dict[str, Any]) -> dict[str, Any]:

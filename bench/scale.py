@@ -240,6 +240,7 @@ class Fleet:
             "gave_up": sum(r["gave_up"] for r in reports),
             "connected_times": sorted(t for r in reports for t in r.get("connected_times", [])),
             "rss_kib": [r["rss_kib"] for r in reports],
+            "gc_s": sum(r.get("gc_s", 0.0) for r in reports),
         }
 
     async def broadcast(
@@ -392,6 +393,8 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         for gen in fleet.gens:
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, int(gen.proc.pid), args.storm_nice)
+    gen_pids = [int(gen.proc.pid) for gen in fleet.gens]
+    gens_cpu0 = sum(proc_cpu(p) for p in gen_pids)
     print(f"[storm] SIGKILL the server holding {n} clients", flush=True)
     t_kill = time.time()
     fleet.server.kill()
@@ -414,6 +417,8 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         if counts and counts[-1]["n"] >= n:
             break
     cpu = proc_cpu(pid) - c0
+    gens_cpu = sum(proc_cpu(p) for p in gen_pids) - gens_cpu0
+    storm_s = time.perf_counter() - (deadline - args.storm_timeout)
     gate: dict[str, Any] = {}
     if fleet.stack == "backbone":
         with contextlib.suppress(Exception):
@@ -446,6 +451,9 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         "connect_failures": fails,
         "client_reconnects": len(client_times),
         "server_cpu_s": cpu,
+        "storm_s": storm_s,
+        "gens_cpu_s": gens_cpu,
+        "gens_gc_s": after.get("gc_s", 0.0) - before.get("gc_s", 0.0),
         "server_refusals": gate.get("refused"),
         "server_retries": gate.get("retries"),
         "server_peak_rss_kib": peak_rss,
@@ -735,6 +743,9 @@ def section(r: dict[str, Any], command: str) -> str:
             f"| clients that gave up | {st['gave_up']} |",
             f"| failed connect attempts during the storm, by reason | {fails or 'none'} |",
             f"| server CPU during the storm | {st['server_cpu_s']:.1f} s |",
+            f"| load generators' CPU during the storm (of it in their garbage collector) | "
+            f"{_f(st.get('gens_cpu_s'), '{:.1f}')} s ({_f(st.get('gens_gc_s'), '{:.1f}')} s) "
+            f"in {_f(st.get('storm_s'), '{:.0f}')} s |",
             f"| server: connections refused before the handshake / QUIC Retries sent | "
             f"{_f(st.get('server_refusals'), '{:,}')} / {_f(st.get('server_retries'), '{:,}')} |",
             f"| server peak RSS during the storm | {st['server_peak_rss_kib'] / 1024:,.0f} MiB |",

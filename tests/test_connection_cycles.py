@@ -59,3 +59,50 @@ async def test_ended_connections_are_freed_without_the_cyclic_collector(
         # the client closed: its connection and the server's are gone too
         # (the Client object itself stays: it is still referenced here)
         assert await _count_settles(QuicConnection, before) == before
+
+
+async def _settles_at_most(kind: type, most: int) -> int:
+    n = _alive(kind)
+    for _ in range(40):
+        if n <= most:
+            break
+        await asyncio.sleep(0.05)
+        n = _alive(kind)
+    return n
+
+
+async def test_failed_connect_attempts_are_freed_without_the_cyclic_collector(
+    make_server, make_client, events, no_cyclic_gc
+):
+    import socket
+
+    # refused before the handshake: the connection's ready future held the error whose
+    # traceback held the frames that held the connection
+    async with make_server(max_new_sessions_per_second=0.01, admission_burst=1) as server:
+        first = make_client("first", server.port)
+        async with first:
+            await first.wait_connected(5)
+            before = _alive(QuicConnection)
+            late = make_client("late", server.port, backoff_max=0.05)
+            async with late:
+                for _ in range(6):
+                    failed = await events.wait_new("connect.failed", client_id="late")
+                    assert failed.reason == "rejected"
+                # none of the refused attempts is left; at most the one under way
+                assert await _settles_at_most(QuicConnection, before + 1) <= before + 1
+    # timed out: nothing answers (aioquic never reaches its end by itself once we have
+    # closed the socket)
+    silent_server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent_server.bind(("127.0.0.1", 0))
+    try:
+        before = _alive(QuicConnection)
+        lonely = make_client(
+            "lonely", silent_server.getsockname()[1], connect_timeout=0.2, backoff_max=0.05
+        )
+        async with lonely:
+            for _ in range(4):
+                failed = await events.wait_new("connect.failed", client_id="lonely")
+                assert failed.reason == "timeout"
+            assert await _settles_at_most(QuicConnection, before + 1) <= before + 1
+    finally:
+        silent_server.close()
