@@ -98,6 +98,7 @@ from aioquic.quic.stream import QuicStream
 from aioquic.tls import Epoch, Group
 from cryptography.hazmat.primitives import serialization
 
+from .admission import RecentRefusals
 from .frames import ALPN
 from .reset import is_stateless_reset
 
@@ -803,6 +804,9 @@ class _GatedServer(QuicServer):
         super().__init__(configuration=configuration, create_protocol=self._new_protocol)
         self._protocols: ProtocolTable = ProtocolTable()
         self._make_protocol = create_protocol
+        #: Initials refused lately, by destination connection ID: their copies are refused
+        #: again, never admitted
+        self.refused = RecentRefusals()
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
         self._protocols.drop(protocol)
@@ -851,14 +855,23 @@ class _GatedServer(QuicServer):
                 tokened = bool(header.token)
                 # only an Initial of full size can open a connection
                 if gate is not None and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE:
+                    refused = self.refused.get(header.destination_cid)
+                    if refused is not None:
+                        # a copy of an Initial already refused (the client resent it before
+                        # our answer came): refused again with the same answer, never
+                        # admitted — its client has given that attempt up, and the
+                        # connection would hold a place until hello_timeout
+                        if self._transport is not None:
+                            self._transport.sendto(refusal_packet(header, refused), addr)
+                        return
                     refusal = gate(format_address(addr), tokened)
                     if refusal is not None:
                         if refusal.retry:
                             self._with_retry(data, addr)  # aioquic sends the Retry
                         elif refusal.close and self._transport is not None:
-                            self._transport.sendto(
-                                refusal_packet(header, refusal.phrase or refusal.reason), addr
-                            )
+                            phrase = refusal.phrase or refusal.reason
+                            self.refused.remember(header.destination_cid, phrase)
+                            self._transport.sendto(refusal_packet(header, phrase), addr)
                         return
                 if tokened:
                     # the answer to our Retry: aioquic checks the token (INVALID_TOKEN if

@@ -188,6 +188,38 @@ class ReturnSchedule:
         return at - now
 
 
+class RecentRefusals:
+    """The destination connection IDs of the last ``size`` refused Initials, each with the
+    reason phrase it was answered with.
+
+    A client resends its Initial when no answer came within its loss timer (a few hundred
+    milliseconds at first), so a server that is behind its socket finds two copies of a
+    refused Initial there.  The first is refused; if a place has come free by the time the
+    second is read, the gate would admit it — a connection for an attempt its client has
+    already given up (its socket is closed), holding a place until ``hello_timeout``.  A
+    copy whose ID is remembered here is refused again with the same answer instead.  Its
+    client chose the ID at random for that attempt alone, so nothing else carries it.
+    """
+
+    __slots__ = ("_ids", "size")
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._ids: dict[bytes, str] = {}
+
+    def remember(self, cid: bytes, phrase: str) -> None:
+        ids = self._ids
+        ids[cid] = phrase
+        if len(ids) > self.size:
+            del ids[next(iter(ids))]  # the oldest
+
+    def get(self, cid: bytes) -> str | None:
+        return self._ids.get(cid)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
 #: how much later than its slot a refused client may come back, at random: the slots are
 #: exact, the clients' clocks and paths are not
 RETURN_WINDOW = 0.5

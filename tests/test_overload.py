@@ -381,6 +381,77 @@ def _bare_initial(i: int) -> bytes:
     return _initial()[1]
 
 
+def test_recent_refusals_remember_the_last_ids_with_their_answer():
+    from backbone.admission import RecentRefusals
+
+    recent = RecentRefusals(size=3)
+    for i in range(3):
+        recent.remember(bytes([i]) * 8, f"overloaded retry_after={i}.000 window=1.000")
+    assert recent.get(b"\x01" * 8) == "overloaded retry_after=1.000 window=1.000"
+    recent.remember(b"\x09" * 8, "handshakes_in_flight retry_after=2.000 window=1.000")
+    assert len(recent) == 3
+    assert recent.get(b"\x00" * 8) is None  # the oldest made room
+    assert recent.get(b"\x09" * 8) is not None and recent.get(b"\x07" * 8) is None
+
+
+async def test_a_resent_copy_of_a_refused_initial_is_refused_again_not_admitted(certs):
+    import socket
+
+    from aioquic.quic.events import ConnectionTerminated
+    from aioquic.quic.packet import QuicErrorCode
+
+    from backbone._quic import Refusal, server_configuration, start_server
+
+    from .test_bad_input import RawPeer
+
+    asked: list[str] = []
+    opened: list[RawPeer] = []
+
+    def gate(peer: str, tokened: bool) -> Refusal | None:
+        asked.append(peer)
+        if len(asked) == 1:  # the first is refused, then a place comes free
+            return Refusal("handshakes_in_flight", close=True, phrase="handshakes_in_flight x")
+        return None
+
+    def create(quic: Any, **kw: Any) -> RawPeer:
+        peer = RawPeer(quic, **kw)
+        opened.append(peer)
+        return peer
+
+    qconf = server_configuration(str(certs.server_cert), str(certs.server_key), 10.0)
+    server, _reader, port = await start_server("127.0.0.1", 0, qconf, create, gate=gate)
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+
+    async def send(data: bytes) -> bytes:
+        sock.sendto(data, ("127.0.0.1", port))
+        return await asyncio.wait_for(loop.sock_recv(sock, 2048), 5.0)
+
+    try:
+        conn, data = _initial()
+        first = await send(data)
+        conn.receive_datagram(first, ("127.0.0.1", 9), now=0.0)
+        conn.handle_timer(now=conn.get_timer())  # the end of the draining period
+        ended = [e for e in iter(conn.next_event, None) if isinstance(e, ConnectionTerminated)]
+        assert [e.error_code for e in ended] == [QuicErrorCode.CONNECTION_REFUSED]
+        # the client resent it before our answer came: the copy is refused again with the
+        # same answer (the same packet: stateless, keyed from the same connection ID), and
+        # the gate is not asked (it would admit it now)
+        assert await send(data) == first
+        assert len(asked) == 1 and opened == []
+        # a new attempt (a new connection ID) goes to the gate and is admitted
+        _fresh, fresh_data = _initial()
+        sock.sendto(fresh_data, ("127.0.0.1", port))
+        await asyncio.wait_for(loop.sock_recv(sock, 2048), 5.0)  # the server's first flight
+        assert len(asked) == 2 and len(opened) == 1
+    finally:
+        sock.close()
+        for peer in opened:
+            peer.close_with(0, "done")
+        server.close()
+
+
 async def test_a_forged_retry_token_is_closed_with_invalid_token(make_server, make_client):
     import socket
 
