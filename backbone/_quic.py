@@ -1066,9 +1066,10 @@ def release_connection(protocol: QuicEndpoint) -> None:
     for name in ("_initialize", "_replenish_connection_ids"):
         state.pop(name, None)  # instance patches; the class's methods remain
     quic._loss._send_probe = _nothing
-    tls = quic.tls
-    tls.alpn_cb = tls.get_session_ticket_cb = tls.new_session_ticket_cb = None
-    tls.update_traffic_key_cb = _nothing_with
+    tls = getattr(quic, "tls", None)  # none before connect() (an attempt cancelled early)
+    if tls is not None:
+        tls.alpn_cb = tls.get_session_ticket_cb = tls.new_session_ticket_cb = None
+        tls.update_traffic_key_cb = _nothing_with
     quic._cryptos = {}
     quic._cryptos_initial = {}
     protocol._connection_id_issued_handler = _nothing_with

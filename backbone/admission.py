@@ -160,6 +160,11 @@ RATE_MEMORY = 5.0
 MIN_ADMIT_RATE = 1.0
 
 
+#: the earliest a refused client is told to come back, seconds (the first slot); a client
+#: takes no shorter hint (the refusal is not authenticated)
+MIN_RETRY_AFTER = 0.5
+
+
 class ReturnSchedule:
     """When refused clients should come back: each refusal gets the next free slot, the
     slots ``1 / rate`` apart, the first ``first`` seconds from now and none further than
@@ -175,7 +180,7 @@ class ReturnSchedule:
 
     __slots__ = ("_next", "first", "longest")
 
-    def __init__(self, first: float = 0.5, longest: float = 60.0) -> None:
+    def __init__(self, first: float = MIN_RETRY_AFTER, longest: float = 60.0) -> None:
         self.first = first
         self.longest = longest
         self._next = -math.inf

@@ -24,7 +24,7 @@ from ._quic import (
     discard_connection,
     open_connection,
 )
-from .admission import parse_refusal_hint
+from .admission import MIN_RETRY_AFTER, parse_refusal_hint
 from .backoff import Backoff
 from .config import ClientConfig
 from .errors import (
@@ -253,14 +253,19 @@ def _forget_frames(exc: BaseException | None) -> None:
         exc = exc.__context__
 
 
-def _come_back_hint(conn: _ClientConnection | None, category: str) -> GoAway | None:
-    """When a refusal before the handshake says to come back (protocol.md §14)."""
+def _come_back_hint(
+    conn: _ClientConnection | None, category: str, at_least: float
+) -> GoAway | None:
+    """When a refusal before the handshake says to come back (protocol.md §14), never
+    sooner than ``at_least``: the refusal is a stateless Initial packet that nothing
+    authenticates, and ``retry_after=0`` from a forger must not make the client reconnect
+    in a tight loop."""
     if conn is None or category != "rejected":
         return None
     hint = parse_refusal_hint(conn.close_reason)
     if hint is None:
         return None
-    return GoAway(conn.close_reason.split(" ", 1)[0], hint[0], hint[1])
+    return GoAway(conn.close_reason.split(" ", 1)[0], max(hint[0], at_least), hint[1])
 
 
 def _close_category(
@@ -447,7 +452,8 @@ class Client(HandlerOwner, PendingOwner):
                         if conn is not None
                         else "error"
                     )
-                    raise ConnectError(cat, str(exc), _come_back_hint(conn, cat)) from None
+                    hint = _come_back_hint(conn, cat, MIN_RETRY_AFTER)
+                    raise ConnectError(cat, str(exc), hint) from None
                 conn = holder[0]
                 self._conn = conn
                 try:

@@ -567,3 +567,38 @@ async def test_a_refused_connection_fails_at_once_before_the_tls_handshake(
         assert refused.client_id is None and refused.peer.startswith("127.0.0.1:")
         assert server.refused_handshakes >= 1
         assert [e.client_id for e in events.of("connected", role="server")] == ["first"]
+
+
+def test_a_refusal_hint_is_never_taken_as_sooner_than_the_first_slot():
+    from types import SimpleNamespace
+
+    from backbone.admission import MIN_RETRY_AFTER
+    from backbone.client import _come_back_hint
+
+    def conn(phrase: str) -> Any:
+        return SimpleNamespace(close_reason=phrase)
+
+    # a forged refusal saying "at once" must not make the client loop
+    forged = _come_back_hint(conn("overloaded retry_after=0.000 window=0.000"), "rejected", 0.5)
+    assert forged is not None and forged.retry_after == MIN_RETRY_AFTER == 0.5
+    ours = _come_back_hint(conn("overloaded retry_after=7.250 window=1.000"), "rejected", 0.5)
+    assert ours is not None and (ours.reason, ours.retry_after, ours.window) == (
+        "overloaded",
+        7.25,
+        1.0,
+    )
+    assert _come_back_hint(conn("overloaded"), "rejected", 0.5) is None  # older servers
+    assert _come_back_hint(conn("x retry_after=1.0 window=1.0"), "tls", 0.5) is None
+
+
+async def test_an_attempt_discarded_before_it_connected_ends_cleanly():
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection, QuicConnectionState
+
+    from backbone._quic import QuicEndpoint, discard_connection
+
+    # cancelled between the socket's creation and connect(): aioquic has no TLS context yet
+    endpoint = QuicEndpoint(QuicConnection(configuration=QuicConfiguration(is_client=True)))
+    discard_connection(endpoint)
+    assert endpoint._quic._state is QuicConnectionState.TERMINATED
+    discard_connection(endpoint)  # and twice is harmless
