@@ -1039,7 +1039,6 @@ async def open_connection(
     except BaseException:
         if not protocol.terminated_reported:
             protocol.close_with(0, "connect abandoned")
-        transport.close()
         discard_connection(protocol)
         raise
     return protocol
@@ -1080,13 +1079,14 @@ def release_connection(protocol: QuicEndpoint) -> None:
 
 
 def discard_connection(protocol: QuicEndpoint) -> None:
-    """A connection whose socket we closed ourselves (a client's failed connect attempt):
-    nothing can arrive or leave any more, so end aioquic's connection now instead of after
-    its closing or draining period, and break its reference cycles (:func:`release_connection`).
+    """Close a client's failed connect attempt: close its socket; then nothing can arrive
+    or leave any more, so end aioquic's connection now instead of after its closing or
+    draining period, and break its reference cycles (:func:`release_connection`).
 
     Without this its timer is never armed again (``transmit`` skips a closed socket), it
     never reaches TERMINATED, and it waits for the cyclic collector (a restart storm's
     refused attempts: tens of thousands in a process hosting thousands of clients)."""
+    close_transport(protocol)
     timer = protocol._timer
     if timer is not None:
         timer.cancel()

@@ -225,16 +225,13 @@ class RecentRefusals:
         return len(self._ids)
 
 
-#: how much later than its slot a refused client may come back, at random: the slots are
-#: exact, the clients' clocks and paths are not
-RETURN_WINDOW = 0.5
-
 _HINT = re.compile(r"\bretry_after=([0-9]+(?:\.[0-9]+)?) window=([0-9]+(?:\.[0-9]+)?)")
 
 
-def refusal_phrase(reason: str, retry_after: float, window: float = RETURN_WINDOW) -> str:
-    """The reason phrase of a refusal's CONNECTION_CLOSE, with when to come back:
-    ``"overloaded retry_after=2.350 window=0.500"`` (protocol.md §14)."""
+def refusal_phrase(reason: str, retry_after: float, window: float) -> str:
+    """The reason phrase of a refusal's CONNECTION_CLOSE, with when to come back and how
+    much later at most, at random (the server's ``overload_window``):
+    ``"overloaded retry_after=2.350 window=1.000"`` (protocol.md §14)."""
     return f"{reason} retry_after={retry_after:.3f} window={window:.3f}"
 
 

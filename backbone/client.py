@@ -459,8 +459,7 @@ class Client(HandlerOwner, PendingOwner):
                 try:
                     await conn.welcomed
                 except ConnectError as exc:
-                    close_transport(conn)  # refused after the handshake (id, version, …)
-                    discard_connection(conn)
+                    discard_connection(conn)  # refused after the handshake (id, version, …)
                     conn.abandon()
                     exc.goaway = conn.goaway
                     raise
@@ -469,7 +468,6 @@ class Client(HandlerOwner, PendingOwner):
             conn = holder[0] if holder else None
             if conn is not None:
                 conn.shut("timeout", ErrorCode.NO_ERROR, "connect timeout")
-                close_transport(conn)
                 discard_connection(conn)
                 # the WELCOME may have come in the very loop pass the timeout fired in
                 conn.abandon()
@@ -481,7 +479,6 @@ class Client(HandlerOwner, PendingOwner):
         except BaseException:
             if holder:
                 holder[0].shut("closed", ErrorCode.NO_ERROR, "connect abandoned")
-                close_transport(holder[0])
                 discard_connection(holder[0])
                 if self._conn is not holder[0]:  # else _run's cleanup ends its link
                     holder[0].abandon()

@@ -444,9 +444,9 @@ class Server(HandlerOwner, PendingOwner):
         ``overloaded`` (the session budget is spent) and ``handshakes_in_flight`` are
         answered with CONNECTION_REFUSED, whose reason phrase tells the client when to come
         back (its slot in the gate's return schedule): refused clients return at about the
-        rate the server admits them.  ``retry`` (``retry_above``
-        of the places taken, no token) is answered with a QUIC Retry: a real client comes back
-        at once with a token.  ``server_behind`` is dropped: the client retransmits its
+        rate the server admits them.  ``retry`` (``retry_above`` of the places taken, no
+        token) is answered with a QUIC Retry: a real client comes back at once with a
+        token.  ``server_behind`` is dropped: the client retransmits its
         Initial after its own timeout, by when the server may have caught up — a burst of
         handshakes that queues behind itself is slowed down, not failed."""
         now = self._loop.time()
@@ -458,9 +458,8 @@ class Server(HandlerOwner, PendingOwner):
             self.retries_sent += 1
             return Refusal(reason, close=False, retry=True)
         self.refused_handshakes += 1
-        retry_after = 0.0
-        if reason != "server_behind":  # dropped unanswered: nothing to tell
-            retry_after = self._gate.come_back_in(now, reason)
+        answered = reason != "server_behind"  # else dropped unanswered: nothing to tell
+        retry_after = self._gate.come_back_in(now, reason) if answered else 0.0
         self._refusals_unlogged += 1
         if now - self._refusals_logged_at >= 1.0:  # one line per second at most
             log.warning(
@@ -484,7 +483,7 @@ class Server(HandlerOwner, PendingOwner):
                     window=self.config.overload_window,
                 ),
             )
-        if reason == "server_behind":
+        if not answered:
             return Refusal(reason, close=False)
         phrase = refusal_phrase(reason, retry_after, self.config.overload_window)
         return Refusal(reason, close=True, phrase=phrase)

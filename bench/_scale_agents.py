@@ -101,8 +101,6 @@ _keep: list[Any] = []  # background tasks
 #: seconds this process spent in the cyclic garbage collector (a full pass with 2,000
 #: QUIC connections takes 0.5-0.7 s: it shows in whichever broadcast it falls into)
 _gc = {"s": 0.0, "t": 0.0, "cpu": 0.0, "c": 0.0}
-#: per generation: [collections, seconds, objects collected]
-_gc_by_gen = [[0, 0.0, 0], [0, 0.0, 0], [0, 0.0, 0]]
 
 
 def _count_gc(phase: str, info: dict[str, int]) -> None:
@@ -110,14 +108,9 @@ def _count_gc(phase: str, info: dict[str, int]) -> None:
         _gc["t"] = time.perf_counter()
         _gc["c"] = time.process_time()
         return
-    took = time.perf_counter() - _gc["t"]
-    _gc["s"] += took
+    _gc["s"] += time.perf_counter() - _gc["t"]
     # CPU time too: on a saturated machine the wall time includes waiting for a CPU
     _gc["cpu"] += time.process_time() - _gc["c"]
-    row = _gc_by_gen[info["generation"]]
-    row[0] += 1
-    row[1] += took
-    row[2] += info["collected"]
 
 
 gc.callbacks.append(_count_gc)
@@ -473,10 +466,6 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
             "rss_kib": rss_kib(),
             "gc_s": _gc["s"],
             "gc_cpu_s": _gc["cpu"],
-            "gc_by_gen": _gc_by_gen,
-            "gc_count": gc.get_count(),
-            "gc_frozen": gc.get_freeze_count(),
-            "gc_tracked": len(gc.get_objects()) if cmd.get("census") else None,
         }
 
     async def recv(cmd: dict[str, Any]) -> dict[str, Any]:

@@ -426,14 +426,6 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
             gate = await server.request("count", timeout=30)
     samples = [(e["t"] - t_listen, int(e["n"])) for e in server.events if e["event"] == "count"]
     after = await fleet.gen_status(since=t_kill)
-    for g in fleet.gens:  # where the load generators' collector time went (by generation)
-        with contextlib.suppress(Exception):
-            r = await g.request("status", timeout=120, census=True)
-            print(
-                f"[storm] generator gc by generation [count, s, collected] {r.get('gc_by_gen')}"
-                f", tracked {r.get('gc_tracked')}, frozen {r.get('gc_frozen')}",
-                flush=True,
-            )
 
     def first_at(share: float) -> float | None:
         for t, k in samples:
