@@ -11,6 +11,10 @@ Private attributes used, each wrapped in one small function below:
 * ``QuicServer._transport`` — to learn the bound port when listening on port 0;
 * ``QuicConnection._initialize`` / ``tls._supported_groups`` — a client offers one key share
   (X25519) instead of four;
+* ``QuicConnection._initialize`` / ``_loss.spaces`` / ``_loss._cc`` / ``_loss._pto_count``
+  — a client resets loss recovery when a Retry restarts its handshake (RFC 9002 §6.3;
+  aioquic keeps the PTO backoff and the old Initials' bytes in flight):
+  :func:`reset_recovery_on_retry`;
 * ``QuicConnection._initialize`` / ``tls._request_client_certificate`` — to make the server
   ask for a client certificate (mutual TLS), and ``tls._peer_certificate`` /
   ``_peer_certificate_chain`` to read what the client sent (aioquic validates neither; see
@@ -1021,8 +1025,7 @@ async def open_connection(
     except OSError:
         sock.close()
         raise
-    connection = QuicConnection(configuration=configuration)
-    offer_one_key_share(connection)
+    connection = client_connection(configuration)
     transport, protocol = await loop.create_datagram_endpoint(
         lambda: create_protocol(connection), sock=sock
     )
@@ -1116,6 +1119,14 @@ def close_transport(protocol: QuicEndpoint) -> None:
         protocol._transport.close()
 
 
+def client_connection(configuration: QuicConfiguration) -> QuicConnection:
+    """aioquic's client connection with our client-side patches applied."""
+    connection = QuicConnection(configuration=configuration)
+    offer_one_key_share(connection)
+    reset_recovery_on_retry(connection)
+    return connection
+
+
 def offer_one_key_share(quic: QuicConnection) -> None:
     """Client side: offer only an X25519 key share.  aioquic's client otherwise generates a
     key for every group it supports (P-256, P-384, X25519, X448) on every connect, which
@@ -1126,6 +1137,36 @@ def offer_one_key_share(quic: QuicConnection) -> None:
     def _initialize(peer_cid: bytes) -> None:
         original(peer_cid)
         quic.tls._supported_groups = [Group.X25519]
+
+    quic._initialize = _initialize  # type: ignore[method-assign]
+
+
+def reset_recovery_on_retry(quic: QuicConnection) -> None:
+    """Client side: when a Retry restarts the handshake, reset loss recovery as RFC 9002
+    §6.3 requires ("Clients that receive a Retry packet reset congestion control and loss
+    recovery state, including resetting any pending timers").
+
+    aioquic 1.7 (``_connect`` → ``_initialize``) replaces the packet number spaces but
+    keeps the PTO backoff count and the bytes of the Initials sent before the Retry in
+    flight for good.  A client that had to resend its Initial k times before the Retry
+    came (a server behind its socket drops Initials) then waits 0.2 s × 2^k before it
+    resends the Initial that carries the token, and twice that each time after: with k = 5
+    the resends go out 6.4, 12.8 and 25.6 s apart, past a 20 s connect timeout.  That was
+    the connect timeouts of the restart storms with Retry (docs/benchmarks.md)."""
+    original = quic._initialize
+
+    def _initialize(peer_cid: bytes) -> None:
+        loss = quic._loss
+        before = [
+            packet
+            for space in loss.spaces
+            for packet in space.sent_packets.values()
+            if packet.in_flight
+        ]
+        original(peer_cid)
+        if before:  # not the first call (connect): a Retry or a version negotiation
+            loss._cc.on_packets_expired(packets=before)
+        loss._pto_count = 0
 
     quic._initialize = _initialize  # type: ignore[method-assign]
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import logging
 import tempfile
 
-from backbone import Client, Server
+from backbone import Client, Server, signals
 from backbone.certs import make_dev_certs
+from backbone.events import ConnectFailed
 
 
 class HelloTimeouts(logging.Handler):
@@ -36,6 +38,12 @@ class HelloTimeouts(logging.Handler):
 async def burst(args: argparse.Namespace) -> None:
     certs = make_dev_certs(tempfile.mkdtemp(prefix="bench-burst-"))
     timeouts = HelloTimeouts()
+    failed: collections.Counter[str] = collections.Counter()
+
+    def count_failure(_sender: object, event: ConnectFailed, **_: object) -> None:
+        failed[event.reason] += 1
+
+    signals.on_connect_failed.connect(count_failure)
     server_log = logging.getLogger("backbone.server")
     server_log.addHandler(timeouts)
     server_log.setLevel(logging.WARNING)
@@ -77,7 +85,8 @@ async def burst(args: argparse.Namespace) -> None:
             f"{connected} of {args.clients} connected in {took:.1f} s "
             f"({args.places} places, retry_above {args.retry_above:g}); "
             f"refused {server.refused_handshakes}, Retries {server.retries_sent}, "
-            f"closed for no HELLO in time {timeouts.count}"
+            f"closed for no HELLO in time {timeouts.count}; "
+            f"failed attempts {dict(failed) or 'none'}"
         )
         await asyncio.gather(*(c.close() for c in clients))
 
