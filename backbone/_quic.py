@@ -14,7 +14,9 @@ Private attributes used, each wrapped in one small function below:
 * ``QuicConnection._initialize`` / ``_loss.spaces`` / ``_loss._cc`` / ``_loss._pto_count``
   — a client resets loss recovery when a Retry restarts its handshake (RFC 9002 §6.3;
   aioquic keeps the PTO backoff and the old Initials' bytes in flight):
-  :func:`reset_recovery_on_retry`;
+  :func:`reset_recovery_on_retry`; ``_handshake_complete``, ``_retry_count``,
+  ``_remote_initial_source_connection_id``, ``_packet_number`` — where a timed-out connect
+  attempt stalled (:func:`handshake_progress`);
 * ``QuicConnection._initialize`` / ``tls._request_client_certificate`` — to make the server
   ask for a client certificate (mutual TLS), and ``tls._peer_certificate`` /
   ``_peer_certificate_chain`` to read what the client sent (aioquic validates neither; see
@@ -181,6 +183,9 @@ class QuicEndpoint(QuicConnectionProtocol):
     #: a client connection's own socket reader (None for the server's connections, which
     #: share the server's)
     reader: SocketReader | None = None
+    #: where a client's connect attempt had got to when it was abandoned
+    #: (:func:`handshake_progress`, taken before the connection is closed)
+    abandoned_at = ""
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
@@ -1040,6 +1045,7 @@ async def open_connection(
         protocol.connect(addr)
         await protocol.ready
     except BaseException:
+        protocol.abandoned_at = handshake_progress(connection)
         if not protocol.terminated_reported:
             protocol.close_with(0, "connect abandoned")
         discard_connection(protocol)
@@ -1169,6 +1175,24 @@ def reset_recovery_on_retry(quic: QuicConnection) -> None:
         loss._pto_count = 0
 
     quic._initialize = _initialize  # type: ignore[method-assign]
+
+
+def handshake_progress(quic: QuicConnection) -> str:
+    """Where a client's connect attempt got to, for the reason of a connect timeout:
+    whether a Retry came, whether any packet of the server was processed, the TLS state,
+    how many packets went out and the PTO backoff (the loss timer's doublings)."""
+    if quic._handshake_complete:
+        step = "QUIC handshake complete"
+    elif quic._remote_initial_source_connection_id is None:
+        step = "no packet from the server processed"
+    else:
+        tls = getattr(quic, "tls", None)
+        state = tls.state.name.lower() if tls is not None else "none"
+        step = f"TLS at {state}"
+    retry = ", after a Retry" if quic._retry_count else ""
+    return (
+        f"{step}{retry}; {quic._packet_number} packet(s) sent, PTO backoff {quic._loss._pto_count}"
+    )
 
 
 def request_client_certificate(quic: QuicConnection) -> None:

@@ -22,6 +22,7 @@ from ._quic import (
     close_transport,
     describe_close,
     discard_connection,
+    handshake_progress,
     open_connection,
 )
 from .admission import MIN_RETRY_AFTER, parse_refusal_hint
@@ -466,14 +467,16 @@ class Client(HandlerOwner, PendingOwner):
                 return conn
         except TimeoutError:
             conn = holder[0] if holder else None
+            stalled = ""
             if conn is not None:
+                stalled = f" ({conn.abandoned_at or handshake_progress(conn._quic)})"
                 conn.shut("timeout", ErrorCode.NO_ERROR, "connect timeout")
                 discard_connection(conn)
                 # the WELCOME may have come in the very loop pass the timeout fired in
                 conn.abandon()
             if conn is not None and conn.refused:
                 raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
-            raise ConnectError("timeout", f"no session within {cfg.connect_timeout:g} s")
+            raise ConnectError("timeout", f"no session within {cfg.connect_timeout:g} s{stalled}")
         except OSError as exc:
             raise ConnectError("error", str(exc)) from None
         except BaseException:

@@ -397,7 +397,10 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
 
     def on_failed(sender: Any, event: Any) -> None:
         if id(sender) in mine:
-            failures[event.reason] += 1
+            reason = event.reason
+            if reason == "timeout" and "(" in event.detail:  # where the attempt stalled
+                reason += " (" + event.detail.split("(", 1)[1].split(";", 1)[0] + ")"
+            failures[reason] += 1
 
     def on_connected(sender: Any, event: Any) -> None:
         if id(sender) in mine:

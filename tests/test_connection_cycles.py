@@ -94,6 +94,7 @@ async def test_failed_connect_attempts_are_freed_without_the_cyclic_collector(
             for _ in range(4):
                 failed = await events.wait_new("connect.failed", client_id="lonely")
                 assert failed.reason == "timeout"
+                assert "(no packet from the server processed;" in failed.detail
             assert await _count_settles(QuicConnection, before + 1, at_most=True) <= before + 1
     finally:
         silent_server.close()

@@ -254,6 +254,8 @@ async def test_a_welcome_in_the_pass_the_connect_timeout_fires_leaves_no_handler
             async with client:
                 failed = await events.wait("connect.failed", client_id="stall-1", timeout=5)
                 assert failed.reason == "timeout"
+                # the detail says how far the attempt got
+                assert "(QUIC handshake complete;" in failed.detail, failed.detail
                 await client.wait_connected(5)
                 assert await server.send_to("stall-1", 5, wait_ack=True) == 5
                 handlers = [
