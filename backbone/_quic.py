@@ -1190,8 +1190,13 @@ def handshake_progress(quic: QuicConnection) -> str:
         state = tls.state.name.lower() if tls is not None else "none"
         step = f"TLS at {state}"
     retry = ", after a Retry" if quic._retry_count else ""
+    spaces = getattr(quic, "_spaces", None) or {}
+    received = "/".join(
+        str(sum(r.stop - r.start for r in space.ack_queue)) for space in spaces.values()
+    )
     return (
-        f"{step}{retry}; {quic._packet_number} packet(s) sent, PTO backoff {quic._loss._pto_count}"
+        f"{step}{retry}; {quic._packet_number} packet(s) sent, {received or 'none'} received "
+        f"(Initial/Handshake/1-RTT), PTO backoff {quic._loss._pto_count}"
     )
 
 

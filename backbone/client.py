@@ -233,7 +233,7 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
         if not self.welcomed.done():
             self.welcomed.set_exception(
                 ConnectError(
-                    _close_category(self.close_code, stateless_reset=self.stateless_reset),
+                    _close_category(self.close_code, self.close_by_transport, self.stateless_reset),
                     describe_close(self.close_code, reason),
                 )
             )
@@ -267,6 +267,33 @@ def _come_back_hint(
     if hint is None:
         return None
     return GoAway(conn.close_reason.split(" ", 1)[0], max(hint[0], at_least), hint[1])
+
+
+def _answer_before_timeout(conn: _ClientConnection) -> ConnectError | None:
+    """The server's answer to a connect attempt that arrived in the loop pass its connect
+    timeout fired in: a loop that fell far behind (a process hosting thousands of clients
+    in a restart storm) runs its socket's reader and the expired timeout in one pass, and
+    the timeout then cancels the attempt before it sees the answer.  A refusal, a close or
+    a stateless reset decides the attempt's outcome, so that the client follows the
+    server's ``retry_after`` instead of backing off as for a silent server."""
+    ready = conn.ready
+    if ready.done() and not ready.cancelled() and ready.exception() is None:
+        # the QUIC handshake was done: closed after it (client id, version, …)?
+        welcomed = conn.welcomed
+        if welcomed.done() and not welcomed.cancelled():
+            exc = welcomed.exception()
+            if isinstance(exc, ConnectError):
+                exc.goaway = conn.goaway
+                return exc
+        return None
+    if conn.terminated_reported and conn.closed_by_peer:  # refused, closed or reset
+        category = _close_category(conn.close_code, conn.close_by_transport, conn.stateless_reset)
+        return ConnectError(
+            category,
+            describe_close(conn.close_code, conn.close_reason),
+            _come_back_hint(conn, category, MIN_RETRY_AFTER),
+        )
+    return None
 
 
 def _close_category(
@@ -468,14 +495,18 @@ class Client(HandlerOwner, PendingOwner):
         except TimeoutError:
             conn = holder[0] if holder else None
             stalled = ""
+            answer = None
             if conn is not None:
                 stalled = f" ({conn.abandoned_at or handshake_progress(conn._quic)})"
+                answer = _answer_before_timeout(conn)
                 conn.shut("timeout", ErrorCode.NO_ERROR, "connect timeout")
                 discard_connection(conn)
                 # the WELCOME may have come in the very loop pass the timeout fired in
                 conn.abandon()
             if conn is not None and conn.refused:
                 raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
+            if answer is not None:
+                raise answer from None
             raise ConnectError("timeout", f"no session within {cfg.connect_timeout:g} s{stalled}")
         except OSError as exc:
             raise ConnectError("error", str(exc)) from None

@@ -400,6 +400,10 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
             reason = event.reason
             if reason == "timeout" and "(" in event.detail:  # where the attempt stalled
                 reason += " (" + event.detail.split("(", 1)[1].split(";", 1)[0] + ")"
+                if failures[reason] < 20:  # a sample of the details, in this process's log
+                    logging.getLogger("bench.scale").warning(
+                        "%s: connect %s", event.client_id, event.detail
+                    )
             failures[reason] += 1
 
     def on_connected(sender: Any, event: Any) -> None:
@@ -416,6 +420,16 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
 
     signals.on_connect_failed.connect(on_failed, weak=False)
     signals.on_connected.connect(on_connected, weak=False)
+    lags: list[tuple[float, float]] = []  # (wall clock, how late a 0.1 s sleep woke)
+
+    async def watch_lag() -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(0.1)
+            lags.append((time.time(), loop.time() - t - 0.1))
+
+    lag_watch = asyncio.get_running_loop().create_task(watch_lag())
     signals.on_disconnected.connect(on_disconnected, weak=False)
 
     def make(i: int) -> Any:
@@ -469,12 +483,14 @@ async def bb_clients_main(args: argparse.Namespace) -> None:
             "rss_kib": rss_kib(),
             "gc_s": _gc["s"],
             "gc_cpu_s": _gc["cpu"],
+            "loop_lags": [lag for t, lag in lags if t >= since] if since else [],
         }
 
     async def recv(cmd: dict[str, Any]) -> dict[str, Any]:
         return arrivals.get(int(cmd["bid"]))
 
     async def stop(cmd: dict[str, Any]) -> dict[str, Any]:
+        lag_watch.cancel()
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
         return {}
 

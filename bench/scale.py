@@ -242,6 +242,7 @@ class Fleet:
             "rss_kib": [r["rss_kib"] for r in reports],
             "gc_s": sum(r.get("gc_s", 0.0) for r in reports),
             "gc_cpu_s": sum(r.get("gc_cpu_s", 0.0) for r in reports),
+            "loop_lags": sorted(x for r in reports for x in r.get("loop_lags", [])),
         }
 
     async def broadcast(
@@ -458,6 +459,7 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         "server_refusals": gate.get("refused"),
         "server_retries": gate.get("retries"),
         "server_peak_rss_kib": peak_rss,
+        "gens_loop_lag_s": _quantiles(after.get("loop_lags", [])),
         "curve": samples,
         "client_curve": client_times,
     }
@@ -619,6 +621,14 @@ def _cpu_per_reconnect(st: dict[str, Any]) -> list[str]:
     ]
 
 
+def _quantiles(values: list[float]) -> list[float]:
+    """p50, p90 and max of sorted ``values`` (empty: none)."""
+    if not values:
+        return []
+    n = len(values)
+    return [values[n // 2], values[min(n - 1, n * 9 // 10)], values[-1]]
+
+
 def _f(x: float | None, fmt: str = "{:.2f}", none: str = "—") -> str:
     return none if x is None else fmt.format(x)
 
@@ -766,6 +776,16 @@ def section(r: dict[str, Any], command: str) -> str:
             f"{_f(st.get('gens_cpu_s'), '{:.1f}')} s ({_f(st.get('gens_gc_s'), '{:.1f}')} s) "
             f"in {_f(st.get('storm_s'), '{:.0f}')} s |",
             *_cpu_per_reconnect(st),
+            *(
+                [
+                    "| load generators' event loops: how late a 0.1 s timer fired "
+                    "(p50 / p90 / max) | "
+                    + " / ".join(f"{x:.2f} s" for x in st["gens_loop_lag_s"])
+                    + " |"
+                ]
+                if st.get("gens_loop_lag_s")
+                else []
+            ),
             f"| server: connections refused before the handshake / QUIC Retries sent | "
             f"{_f(st.get('server_refusals'), '{:,}')} / {_f(st.get('server_retries'), '{:,}')} |",
             f"| server peak RSS during the storm | {st['server_peak_rss_kib'] / 1024:,.0f} MiB |",

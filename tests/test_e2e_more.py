@@ -268,6 +268,41 @@ async def test_a_welcome_in_the_pass_the_connect_timeout_fires_leaves_no_handler
         signals.on_connected.disconnect(stall_once)
 
 
+async def test_a_refusal_read_in_the_pass_the_connect_timeout_fires_in_decides(
+    make_server, make_client, events
+):
+    """A refusal and the client's connect timeout in one loop pass (a process hosting
+    thousands of clients in a restart storm runs passes of seconds): the attempt fails as
+    refused, with the server's hint, not as a timeout (which would back off as for a
+    silent server)."""
+    blocked: list[bool] = []
+
+    def stall_once(sender: object, event: object) -> None:
+        # the server is about to send its refusal: block the loop past the client's
+        # deadline, so that on the next pass the client reads the refusal and then runs
+        # its expired timeout (I/O callbacks go first)
+        if not blocked:
+            blocked.append(True)
+            time.sleep(0.6)
+
+    async with make_server(max_new_sessions_per_second=0.01, admission_burst=1) as server:
+        first = make_client("first", server.port)
+        async with first:
+            await first.wait_connected(5)  # took the only token
+            signals.on_session_refused.connect(stall_once, weak=False)
+            try:
+                late = make_client("late", server.port, connect_timeout=0.3)
+                async with late:
+                    failed = await events.wait("connect.failed", client_id="late", timeout=5)
+                    assert blocked
+                    assert failed.reason == "rejected", failed.detail
+                    assert "overloaded retry_after=" in failed.detail
+                    scheduled = await events.wait("reconnect.scheduled", client_id="late")
+                    assert scheduled.reason == "rejected"
+            finally:
+                signals.on_session_refused.disconnect(stall_once)
+
+
 async def test_a_client_pings_on_the_wall_clock_grid(make_server, make_client, events):
     # heartbeat_align reaches the client's scheduler with the loop's offset from the wall
     # clock, and the pings after the first one are due on that grid
