@@ -182,6 +182,15 @@ class ClientConfig(_Common):
     keyfile: str | None = None
     max_pending: int = Field(1000, ge=1, description="results pending from the server")
     connect_timeout: float = Field(20.0, gt=0, description="handshake + HELLO/WELCOME, seconds")
+    max_connects_per_loop: int = Field(
+        64,
+        ge=0,
+        description=(
+            "at most this many clients of one event loop (those with the same value) are "
+            "in a connect attempt at once; the others wait for a place before theirs "
+            "starts, and connect_timeout counts from then (0: no limit)"
+        ),
+    )
     heartbeat_align: float = Field(
         0.1,
         ge=0,

@@ -68,6 +68,7 @@ async def burst(args: argparse.Namespace) -> None:
                 connect_timeout=5.0,
                 backoff_initial=0.2,
                 backoff_max=1.0,
+                max_connects_per_loop=args.connects_per_loop,
             )
             for i in range(args.clients)
         ]
@@ -83,7 +84,8 @@ async def burst(args: argparse.Namespace) -> None:
         connected = sum(c.connected for c in clients)
         print(
             f"{connected} of {args.clients} connected in {took:.1f} s "
-            f"({args.places} places, retry_above {args.retry_above:g}); "
+            f"({args.places} places, retry_above {args.retry_above:g}, "
+            f"max_connects_per_loop {args.connects_per_loop}); "
             f"refused {server.refused_handshakes}, Retries {server.retries_sent}, "
             f"closed for no HELLO in time {timeouts.count}; "
             f"failed attempts {dict(failed) or 'none'}"
@@ -97,6 +99,9 @@ def main() -> None:
     ap.add_argument("--places", type=int, default=16, help="max_handshakes_in_flight")
     ap.add_argument("--retry-above", type=float, default=0.5)
     ap.add_argument("--limit", type=float, default=60.0, help="give up after this many s")
+    ap.add_argument(
+        "--connects-per-loop", type=int, default=64, help="clients: max_connects_per_loop"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(burst(args))
