@@ -1192,11 +1192,11 @@ def handshake_progress(quic: QuicConnection) -> str:
     retry = ", after a Retry" if quic._retry_count else ""
     spaces = getattr(quic, "_spaces", None) or {}
     received = "/".join(
-        str(sum(r.stop - r.start for r in space.ack_queue)) for space in spaces.values()
+        "yes" if space.largest_received_packet >= 0 else "no" for space in spaces.values()
     )
     return (
-        f"{step}{retry}; {quic._packet_number} packet(s) sent, {received or 'none'} received "
-        f"(Initial/Handshake/1-RTT), PTO backoff {quic._loss._pto_count}"
+        f"{step}{retry}; {quic._packet_number} packet(s) sent; a server packet in "
+        f"Initial/Handshake/1-RTT: {received or 'none'}; PTO backoff {quic._loss._pto_count}"
     )
 
 

@@ -8,7 +8,6 @@ import logging
 import random
 import time
 import traceback
-import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -270,33 +269,62 @@ def _come_back_hint(
     return GoAway(conn.close_reason.split(" ", 1)[0], max(hint[0], at_least), hint[1])
 
 
-#: per event loop and size, the places for clients in a connect attempt
-_connect_places: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]
-] = weakref.WeakKeyDictionary()
+class _ConnectPlaces:
+    """The places shared by the clients of one event loop that connect to one server
+    with the same ``max_connects_per_loop``; forgotten once none is taken or awaited."""
+
+    __slots__ = ("_key", "_semaphore", "_users")
+
+    def __init__(self, key: tuple[Any, ...], size: int) -> None:
+        self._key = key
+        self._semaphore = asyncio.Semaphore(size)
+        self._users = 0  # holding a place or waiting for one
+
+    async def __aenter__(self) -> None:
+        self._users += 1
+        try:
+            await self._semaphore.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._semaphore.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self._users -= 1
+        if not self._users:  # the semaphore holds its loop: do not keep either alive
+            _connect_places.pop(self._key, None)
+
+
+#: (event loop, host, port, size) → the places of the clients in a connect attempt
+_connect_places: dict[tuple[Any, ...], _ConnectPlaces] = {}
 
 
 def connect_places(
-    loop: asyncio.AbstractEventLoop, size: int
+    loop: asyncio.AbstractEventLoop, host: str, port: int, size: int
 ) -> contextlib.AbstractAsyncContextManager[Any]:
     """A place for one connect attempt among the ``size`` shared by the clients of
-    ``loop`` configured with that size (``max_connects_per_loop``; 0: no limit).
+    ``loop`` that connect to ``host``:``port`` with that size (``max_connects_per_loop``;
+    0: no limit).
 
     A connect attempt is CPU work on the client's side too (aioquic's QUIC connection,
-    the ClientHello, the certificate chain: about 5 ms of a 2 GHz core).  A process that
-    hosts thousands of clients — a gateway, a load generator — and starts all their
-    attempts together (a server restart) runs them in the same few event-loop passes:
-    each pass takes seconds, every attempt progresses one step per pass, and all of them
-    reach their connect timeout together, their work wasted, again and again (2,000
-    clients on one loop: none connected in 150 s).  With a bounded number in flight each
-    attempt completes in about the time it needs, and the rest wait their turn."""
+    the ClientHello, the certificate chain: about 5 ms here).  A process that hosts
+    thousands of clients — a gateway, a load generator — and starts all their attempts
+    together (a server restart) runs them in the same few event-loop passes: each pass
+    takes seconds, every attempt progresses one step per pass, and all of them reach
+    their connect timeout together, their work wasted, again and again (2,000 clients
+    on one loop: none connected in 92 s).  With a bounded number in flight each attempt
+    completes in about the time it needs, and the rest wait their turn.  Per server, so
+    that attempts waiting on an unreachable one do not hold up the others."""
     if size <= 0:
         return contextlib.nullcontext()
-    places = _connect_places.setdefault(loop, {})
-    semaphore = places.get(size)
-    if semaphore is None:
-        semaphore = places[size] = asyncio.Semaphore(size)
-    return semaphore
+    key = (loop, host, port, size)
+    places = _connect_places.get(key)
+    if places is None:
+        places = _connect_places[key] = _ConnectPlaces(key, size)
+    return places
 
 
 def _answer_before_timeout(conn: _ClientConnection) -> ConnectError | None:
@@ -315,6 +343,8 @@ def _answer_before_timeout(conn: _ClientConnection) -> ConnectError | None:
             if isinstance(exc, ConnectError):
                 exc.goaway = conn.goaway
                 return exc
+        return None
+    if conn.close_reason == "Idle timeout":  # aioquic's own timer, not an answer
         return None
     if conn.terminated_reported and conn.closed_by_peer:  # refused, closed or reset
         category = _close_category(conn.close_code, conn.close_by_transport, conn.stateless_reset)
@@ -554,8 +584,12 @@ class Client(HandlerOwner, PendingOwner):
             while not self._closing:
                 self._set_state(ClientState.CONNECTING, f"attempt {attempt + 1}")
                 started = self._loop.time()
+                cfg = self.config
                 try:
-                    async with connect_places(self._loop, self.config.max_connects_per_loop):
+                    async with connect_places(
+                        self._loop, cfg.host, cfg.port, cfg.max_connects_per_loop
+                    ):
+                        started = self._loop.time()  # setup_time: not the wait for a place
                         conn = await self._connect_once()
                 except ConnectError as exc:
                     attempt += 1
