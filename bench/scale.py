@@ -1006,6 +1006,13 @@ def main() -> None:
     )
     ap.add_argument("--note", default="", help="a sentence for the generated section")
     ap.add_argument("--no-write", action="store_true", help="print only (no JSON, plot, docs)")
+    ap.add_argument(
+        "--storm-plot",
+        type=Path,
+        default=None,
+        help="also write the storm's reconnect curve to this PNG, and its figures to the "
+        "same name with .json, even with --no-write (e.g. for a 10,000-client storm)",
+    )
     args = ap.parse_args()
     q = args.quick
     if args.clients is None:
@@ -1051,6 +1058,12 @@ def main() -> None:
     storm_res = r["stacks"].get("backbone", {}).get("storm")
     text = section(r, command)
     print(text)
+    if args.storm_plot is not None and storm_res and storm_res["curve"]:
+        plot(storm_res, args.storm_plot)
+        args.storm_plot.with_suffix(".json").write_text(
+            json.dumps({"command": command, "machine": r.get("machine"), "storm": storm_res})
+        )
+        print(f"wrote {args.storm_plot} and its .json")
     if not args.no_write:
         if storm_res and storm_res["curve"]:
             plot(storm_res, PLOT)
