@@ -347,13 +347,15 @@ def _answer_before_timeout(conn: _ClientConnection) -> ConnectError | None:
     if conn.close_reason == "Idle timeout":  # aioquic's own timer, not an answer
         return None
     if conn.terminated_reported and conn.closed_by_peer:  # refused, closed or reset
-        category = _close_category(conn.close_code, conn.close_by_transport, conn.stateless_reset)
-        return ConnectError(
-            category,
-            describe_close(conn.close_code, conn.close_reason),
-            _come_back_hint(conn, category, MIN_RETRY_AFTER),
-        )
+        return _ended_before_handshake(conn, describe_close(conn.close_code, conn.close_reason))
     return None
+
+
+def _ended_before_handshake(conn: _ClientConnection, detail: str) -> ConnectError:
+    """The failure of an attempt whose connection ended before its QUIC handshake: the
+    category of its close, and a refusal's hint of when to come back."""
+    category = _close_category(conn.close_code, conn.close_by_transport, conn.stateless_reset)
+    return ConnectError(category, detail, _come_back_hint(conn, category, MIN_RETRY_AFTER))
 
 
 def _close_category(
@@ -533,15 +535,9 @@ class Client(HandlerOwner, PendingOwner):
                     conn = holder[0] if holder else None
                     if conn is not None and conn.refused:
                         raise ConnectError("refused", f"nothing listens on {cfg.host}:{cfg.port}")
-                    cat = (
-                        _close_category(
-                            conn.close_code, conn.close_by_transport, conn.stateless_reset
-                        )
-                        if conn is not None
-                        else "error"
-                    )
-                    hint = _come_back_hint(conn, cat, MIN_RETRY_AFTER)
-                    raise ConnectError(cat, str(exc), hint) from None
+                    if conn is None:
+                        raise ConnectError("error", str(exc)) from None
+                    raise _ended_before_handshake(conn, str(exc)) from None
                 conn = holder[0]
                 self._conn = conn
                 try:
@@ -583,7 +579,6 @@ class Client(HandlerOwner, PendingOwner):
         try:
             while not self._closing:
                 self._set_state(ClientState.CONNECTING, f"attempt {attempt + 1}")
-                started = self._loop.time()
                 cfg = self.config
                 try:
                     async with connect_places(

@@ -59,6 +59,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from backbone.certs import make_dev_certs  # noqa: E402
+from bench._harness import percentile  # noqa: E402
 from tests.fault_agents import Agent  # noqa: E402
 
 RESULTS_JSON = ROOT / "bench" / "results" / "scale.json"
@@ -440,6 +441,7 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         if v - before["failures"].get(k, 0)
     }
     client_times = [t - t_listen for t in after["connected_times"]]
+    lags = after.get("loop_lags", [])  # sorted
     res = {
         "clients": n,
         "restart_gap_s": t_listen - t_kill,
@@ -459,7 +461,7 @@ async def storm(fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
         "server_refusals": gate.get("refused"),
         "server_retries": gate.get("retries"),
         "server_peak_rss_kib": peak_rss,
-        "gens_loop_lag_s": _quantiles(after.get("loop_lags", [])),
+        "gens_loop_lag_s": [percentile(lags, q) for q in (50, 90, 100)] if lags else [],
         "curve": samples,
         "client_curve": client_times,
     }
@@ -607,26 +609,18 @@ def _cpu_per_reconnect(st: dict[str, Any]) -> list[str]:
     """Table rows: the CPU each reconnect cost during the storm, on each side (all the
     side did in the storm, refused attempts and heartbeats included, over the clients that
     got back), and what all of them would need at that cost on this machine's CPUs."""
-    n, back = st.get("client_reconnects") or 0, st["clients"]
-    if not n or st.get("gens_cpu_s") is None:
+    reconnects, clients = st.get("client_reconnects") or 0, st["clients"]
+    if not reconnects or st.get("gens_cpu_s") is None:
         return []
-    srv, gens = st["server_cpu_s"] / n, st["gens_cpu_s"] / n
+    srv, gens = st["server_cpu_s"] / reconnects, st["gens_cpu_s"] / reconnects
     cpus = os.cpu_count() or 1
-    need = (srv + gens) * back
+    need = (srv + gens) * clients
     return [
         f"| CPU per client back, server / load generators (all they did in the storm) | "
         f"{srv * 1000:.1f} ms / {gens * 1000:.1f} ms |",
-        f"| all {back:,} back at that cost: CPU needed, and the least time on {cpus} CPUs | "
+        f"| all {clients:,} back at that cost: CPU needed, and the least time on {cpus} CPUs | "
         f"{need:.0f} s, {need / cpus:.0f} s |",
     ]
-
-
-def _quantiles(values: list[float]) -> list[float]:
-    """p50, p90 and max of sorted ``values`` (empty: none)."""
-    if not values:
-        return []
-    n = len(values)
-    return [values[n // 2], values[min(n - 1, n * 9 // 10)], values[-1]]
 
 
 def _f(x: float | None, fmt: str = "{:.2f}", none: str = "—") -> str:
