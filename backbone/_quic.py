@@ -183,6 +183,8 @@ class QuicEndpoint(QuicConnectionProtocol):
     #: a client connection's own socket reader (None for the server's connections, which
     #: share the server's)
     reader: SocketReader | None = None
+    #: a server connection's: the server's socket reader (read before its timers fire)
+    shared_reader: SocketReader | None = None
     #: where a client's connect attempt had got to when it was abandoned
     #: (:func:`handshake_progress`, taken before the connection is closed)
     abandoned_at = ""
@@ -245,6 +247,26 @@ class QuicEndpoint(QuicConnectionProtocol):
             self.transmit()
 
     # --- aioquic plumbing -----------------------------------------------------------
+    def _handle_timer(self) -> None:
+        """aioquic's timer (loss detection and probes, ACK delay, idle timeout), after
+        reading what waits in the socket (:meth:`SocketReader.catch_up`).
+
+        asyncio runs every timer that is due in one pass, after one read of the socket.
+        When thousands of connections' loss-detection timers come due together (a
+        broadcast to 10,000 clients: each copy's probe timeout is about 30 ms after it was
+        written), the pass declares their packets lost and resends them while the
+        acknowledgements that would have cancelled the timers wait unread in the socket;
+        the resends draw more acknowledgements, and the server spends its time resending
+        (79 % of its samples in a 10,000-client broadcast, 0.6 % reading).  Reading
+        first lets the acknowledgements that have arrived re-arm the timers instead."""
+        reader = self.reader or self.shared_reader
+        handle = self._timer
+        if reader is not None and handle is not None:
+            reader.catch_up()
+            if self._timer is not handle:
+                return  # what was read re-armed this connection's timer: that one decides
+        super()._handle_timer()
+
     def quic_event_received(self, event: QuicEvent) -> None:
         if type(event) is StreamDataReceived:
             if self.terminated_reported:
@@ -559,6 +581,9 @@ def _grow_buffers(sock: socket.socket | None, size: int) -> None:
 #: a backlog quickly, little enough that timers and other callbacks still run between batches
 READ_BUDGET = 128
 READ_TIME_BUDGET = 0.010
+#: a connection's aioquic timer reads the socket first when the last read began at least
+#: this long ago (:meth:`SocketReader.catch_up`)
+CATCH_UP_AFTER = 0.001
 
 # Linux stamps each datagram with its arrival time (SO_TIMESTAMPNS, a struct timespec in
 # CLOCK_REALTIME); Python's socket module does not export the option's number.
@@ -631,14 +656,32 @@ class SocketReader:
         self.lag = 0.0
         #: the protocol's end-of-batch hook (:meth:`_GatedServer.end_batch`)
         self._end_batch: Callable[[], None] | None = getattr(protocol, "end_batch", None)
+        #: loop time at which the last read began
+        self.last_read_at = -math.inf
+        self.catch_up_after = CATCH_UP_AFTER
+        self._reading = False
         self._loop._add_reader(  # type: ignore[attr-defined]
             self._sock.fileno(), self._read_ready
         )
 
+    def catch_up(self) -> None:
+        """Read now (one batch), unless a read began less than ``catch_up_after``
+        seconds ago or is under way: called before a connection's timer fires
+        (:meth:`QuicEndpoint._handle_timer`), so that a pass of many due timers reads
+        the socket every millisecond or so instead of once."""
+        if self._reading or self._loop.time() - self.last_read_at < self.catch_up_after:
+            return
+        try:
+            self._read_ready()
+        except Exception:  # what the reader's own callback would have reported
+            log.exception("reading the socket before a timer failed")
+
     def _read_ready(self) -> None:
         transport = self._transport
-        if transport._conn_lost:  # type: ignore[attr-defined]
+        if transport._conn_lost or self._reading:  # type: ignore[attr-defined]
             return
+        self._reading = True
+        self.last_read_at = self._loop.time()
         sock, protocol = self._sock, self._protocol
         max_wait, late_after = self.max_wait, self.late_after
         self.batches += 1
@@ -675,8 +718,11 @@ class SocketReader:
             self.waited = 0.0
             self.lag = lag
             end_batch = self._end_batch
-            if end_batch is not None:
-                end_batch()
+            try:
+                if end_batch is not None:
+                    end_batch()
+            finally:
+                self._reading = False
 
 
 class Refusal(NamedTuple):
@@ -802,6 +848,8 @@ class _GatedServer(QuicServer):
     reset_token: Callable[[bytes], bytes] | None = None
     #: read by a SocketReader: the connections to transmit at the end of its batch
     batch: list[QuicEndpoint] | None = None
+    #: that reader (each connection reads through it before its timer fires)
+    reader: SocketReader | None = None
     #: Retry tokens (aioquic's handler: AES-GCM over the address and connection IDs, valid
     #: 30 s), used only for the packets the gate sends through a Retry and those that come
     #: back with a token (aioquic's own ``_retry`` stays None otherwise)
@@ -825,6 +873,7 @@ class _GatedServer(QuicServer):
             issue_reset_tokens(quic, self.reset_token)
         protocol = self._make_protocol(quic, **kw)
         protocol._batch = self.batch
+        protocol.shared_reader = self.reader
         return protocol
 
     def end_batch(self) -> None:
@@ -984,6 +1033,7 @@ async def start_server(
     if isinstance(loop, selector_events.BaseSelectorEventLoop) and hasattr(transport, "_sock"):
         server.batch = []  # before any connection exists: each one is handed the list
         reader = SocketReader(transport, server, max_wait=max_wait, late_after=late_after)
+        server.reader = reader
         if not reader.timestamps:
             log.info("no arrival timestamps on this platform: no datagram is dropped for age")
     else:
@@ -1084,6 +1134,7 @@ def release_connection(protocol: QuicEndpoint) -> None:
     protocol._connection_id_retired_handler = _nothing_with
     protocol._connection_terminated_handler = _nothing
     protocol.reader = None  # a client's own SocketReader holds the protocol
+    protocol.shared_reader = None
     protocol.ended()
 
 

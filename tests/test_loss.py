@@ -52,7 +52,11 @@ async def test_1000_waitack_messages_at_20_percent_loss(make_server, make_client
             assert results == {i: 2 * i for i in range(1000)}
             assert seen == list(range(1000))  # in order, exactly once
             assert answered_within_5s / 1000 >= 0.95
-            assert relay.dropped["up"] > 50 and relay.dropped["down"] > 50
+            # the loss was real both ways (how many datagrams carry the 1,000 results
+            # depends on how the client's loop coalesces them: about 230 up here)
+            for way in ("up", "down"):
+                dropped, total = relay.dropped[way], relay.dropped[way] + relay.forwarded[way]
+                assert dropped >= 20 and dropped / total >= 0.1, (way, dropped, total)
             assert not events.of("heartbeat.timed_out")
             assert len(server.pending) == 0
         finally:
