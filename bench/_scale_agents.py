@@ -279,8 +279,16 @@ async def bb_server_main(args: argparse.Namespace) -> None:
             "gc_s": _gc["s"] - gc0,
         }
 
+    def reader_counts() -> dict[str, Any]:
+        reader = server._reader
+        if reader is None:
+            return {}
+        return {"datagrams_read": reader.datagrams, "read_batches": reader.batches}
+
     async def bcast_loop(cmd: dict[str, Any]) -> dict[str, Any]:
-        return await _bcast_loop(cmd, lambda bid: server.broadcast({"b": bid, "pad": "x" * 100}))
+        return await _bcast_loop(
+            cmd, lambda bid: server.broadcast({"b": bid, "pad": "x" * 100}), reader_counts
+        )
 
     async def mem(cmd: dict[str, Any]) -> dict[str, Any]:
         return _mem_report(cmd)
@@ -317,17 +325,26 @@ async def _sampler(count: Any) -> None:
         await asyncio.sleep(0.25)
 
 
-async def _bcast_loop(cmd: dict[str, Any], send: Any) -> dict[str, Any]:
+async def _bcast_loop(cmd: dict[str, Any], send: Any, counts: Any = lambda: {}) -> dict[str, Any]:
+    """One broadcast every ``every`` s for ``seconds`` (the next one starts when the last
+    has been sent, if that took longer): how many, how long each call took, and what
+    ``counts()`` (the server's socket reader) counted during each."""
     seconds, every = float(cmd["seconds"]), float(cmd.get("every", 1.0))
     bid = int(cmd.get("bid0", 1_000_000))
     start = time.perf_counter()
     sent = 0
+    calls: list[dict[str, Any]] = []
     while time.perf_counter() - start < seconds:
+        c0, t0 = counts(), time.perf_counter()
         await send(bid + sent)
+        c1 = counts()
+        call = {"s": round(time.perf_counter() - t0, 3)}
+        call.update({k: v - c0[k] for k, v in c1.items()})
+        calls.append(call)
         sent += 1
         nxt = start + sent * every
         await asyncio.sleep(max(0.0, nxt - time.perf_counter()))
-    return {"sent": sent}
+    return {"sent": sent, "calls": calls}
 
 
 _profiler: list[Any] = []

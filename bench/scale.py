@@ -305,8 +305,10 @@ class Fleet:
             rss.append(proc_rss_kib(self.server_pid))
             await asyncio.sleep(1.0)
         sent = 0
+        calls: list[dict[str, Any]] = []
         if loop_task is not None:
-            sent = (await loop_task)["sent"]
+            done = await loop_task
+            sent, calls = done["sent"], done.get("calls", [])
         dt = time.perf_counter() - t0
         c1 = [proc_cpu(p) for p in pids]
         return {
@@ -316,6 +318,7 @@ class Fleet:
             "server_rss_kib_max": max(rss),
             "server_rss_kib_end": rss[-1],
             "broadcasts": sent,
+            "broadcast_calls": calls,
             "connected_end": await self.count(),
         }
 
