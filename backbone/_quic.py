@@ -581,7 +581,7 @@ def _grow_buffers(sock: socket.socket | None, size: int) -> None:
 #: a backlog quickly, little enough that timers and other callbacks still run between batches
 READ_BUDGET = 128
 READ_TIME_BUDGET = 0.010
-#: a connection's aioquic timer reads the socket first when the last read began at least
+#: a connection's aioquic timer reads the socket first when the last read ended at least
 #: this long ago (:meth:`SocketReader.catch_up`)
 CATCH_UP_AFTER = 0.001
 
@@ -656,7 +656,7 @@ class SocketReader:
         self.lag = 0.0
         #: the protocol's end-of-batch hook (:meth:`_GatedServer.end_batch`)
         self._end_batch: Callable[[], None] | None = getattr(protocol, "end_batch", None)
-        #: loop time at which the last read began
+        #: loop time at which the last read ended
         self.last_read_at = -math.inf
         self.catch_up_after = CATCH_UP_AFTER
         self._reading = False
@@ -665,10 +665,11 @@ class SocketReader:
         )
 
     def catch_up(self) -> None:
-        """Read now (one batch), unless a read began less than ``catch_up_after``
+        """Read now (one batch), unless a read ended less than ``catch_up_after``
         seconds ago or is under way: called before a connection's timer fires
         (:meth:`QuicEndpoint._handle_timer`), so that a pass of many due timers reads
-        the socket every millisecond or so instead of once."""
+        the socket between them instead of once, with at least ``catch_up_after`` of
+        other work between two reads (a batch itself may take up to ``time_budget``)."""
         if self._reading or self._loop.time() - self.last_read_at < self.catch_up_after:
             return
         try:
@@ -680,13 +681,12 @@ class SocketReader:
         transport = self._transport
         if transport._conn_lost or self._reading:  # type: ignore[attr-defined]
             return
-        self._reading = True
-        self.last_read_at = self._loop.time()
         sock, protocol = self._sock, self._protocol
         max_wait, late_after = self.max_wait, self.late_after
         self.batches += 1
         stop_at = time.time() + self.time_budget
         lag = 0.0
+        self._reading = True
         try:
             for _ in range(self.budget):
                 try:
@@ -723,6 +723,7 @@ class SocketReader:
                     end_batch()
             finally:
                 self._reading = False
+                self.last_read_at = self._loop.time()
 
 
 class Refusal(NamedTuple):

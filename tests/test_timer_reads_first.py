@@ -71,7 +71,10 @@ async def test_a_due_loss_timer_reads_the_waiting_ack_before_it_probes(certs):
         [peer] = opened
         await asyncio.wait_for(peer.ready, 5.0)
 
-        # the server writes one packet of stream data; its probe timer is armed
+        # the server writes one packet of stream data; its probe timer is armed.  The
+        # client's ACK delay, as the server knows it, is made 0.5 s so that the probe
+        # cannot fire before the test has set the scene, however slow the machine
+        peer._quic._loss.max_ack_delay = 0.5
         stream_id = peer._quic.get_next_available_stream_id()
         peer.write_now(stream_id, b"command")
         while not any(isinstance(e, StreamDataReceived) for e in seen):
