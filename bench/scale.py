@@ -41,6 +41,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as _dt
+import importlib.util
 import json
 import os
 import platform
@@ -1011,6 +1012,10 @@ def main() -> None:
         "same name with .json, even with --no-write (e.g. for a 10,000-client storm)",
     )
     args = ap.parse_args()
+    wants_plot = args.storm_plot is not None or not args.no_write
+    if wants_plot and importlib.util.find_spec("matplotlib") is None:
+        # found out before a run of many minutes, not when it writes its plot at the end
+        ap.error("the storm plot needs matplotlib: pip install -e '.[bench]' (or --no-write)")
     q = args.quick
     if args.clients is None:
         # 10,000 does not fit on the 2-CPU test machine with its load generators (see the
