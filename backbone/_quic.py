@@ -231,10 +231,7 @@ class QuicEndpoint(QuicConnectionProtocol):
         reader = self.reader
         if reader is None or self.terminated_reported:
             return False
-        try:
-            reader._read_ready()
-        except Exception:  # what the reader's own callback would have reported
-            log.exception("reading the socket before a heartbeat verdict failed")
+        reader.read_now("before a heartbeat verdict")
         return True
 
     def end_batch(self) -> None:
@@ -672,10 +669,15 @@ class SocketReader:
         other work between two reads (a batch itself may take up to ``time_budget``)."""
         if self._reading or self._loop.time() - self.last_read_at < self.catch_up_after:
             return
+        self.read_now("before a timer")
+
+    def read_now(self, purpose: str) -> None:
+        """One batch now, out of the loop's turn (``purpose`` names the caller in the
+        log); a failure is logged, as the loop would report its own callback's."""
         try:
             self._read_ready()
-        except Exception:  # what the reader's own callback would have reported
-            log.exception("reading the socket before a timer failed")
+        except Exception:
+            log.exception("reading the socket %s failed", purpose)
 
     def _read_ready(self) -> None:
         transport = self._transport
