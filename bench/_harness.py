@@ -144,7 +144,8 @@ class MsgIds:
 
 class Stats:
     """Counters a child reports at each ``mark``.  ``lat`` collects one-way latencies
-    (seconds) while ``recording`` is on (between the first and the second mark)."""
+    (seconds) while ``recording`` is on (between the first and the second mark), and
+    ``sent_at`` the sender's ``perf_counter()`` of each (the same order)."""
 
     __slots__ = (
         "backpressure",
@@ -155,6 +156,7 @@ class Stats:
         "received",
         "recording",
         "sent",
+        "sent_at",
     )
     COUNTERS = ("backpressure", "completed", "received", "sent", "lag_max")
 
@@ -165,6 +167,7 @@ class Stats:
         self.backpressure = 0  # times the sender had to yield for backpressure
         self.lag_max = 0.0  # paced sender: the most it fell behind its schedule, seconds
         self.lat = array("d")
+        self.sent_at = array("d")
         self.recording = False
         self.probe: Callable[[], dict[str, Any]] | None = None  # transport state, if any
 
@@ -238,10 +241,12 @@ class Control:
             }
             if self.marks == 1:
                 del self.stats.lat[:]
+                del self.stats.sent_at[:]
                 self.stats.recording = True
             elif self.marks == 2:
                 self.stats.recording = False
                 snap["lat"] = self.stats.lat.tobytes()
+                snap["sent_at"] = self.stats.sent_at.tobytes()
             if self.profile_path:
                 if self.marks == 1:
                     import cProfile

@@ -231,12 +231,14 @@ def latency_handler(stats: Stats) -> Any:
     """The receiver's handler body for the paced scenario: count, and record
     now - ``payload["t"]`` while the parent's measurement window is open."""
     perf = time.perf_counter
-    lat = stats.lat
+    lat, sent_at = stats.lat, stats.sent_at
 
     def on_payload(payload: Any) -> None:
         stats.received += 1
         if stats.recording:
-            lat.append(perf() - payload["t"])
+            t = payload["t"]
+            lat.append(perf() - t)
+            sent_at.append(t)
 
     return on_payload
 
@@ -739,6 +741,9 @@ def run_one(stack: str, scenario: str, params: dict[str, Any]) -> dict[str, Any]
         lat = array("d")
         lat.frombytes(c1["lat"])
         out["latencies"] = lat
+        sent_at = array("d")
+        sent_at.frombytes(c1["sent_at"])
+        out["sent_at"] = sent_at
     return out
 
 
