@@ -125,8 +125,9 @@ class ServerConfig(_Common):
     gc_freeze: bool = Field(
         False,
         description="move live connections out of the cyclic garbage collector's reach "
-        "(gc.freeze) as clients connect; needed for thousands of clients, but process-wide: "
-        "on for `backbone serve`, off for an embedded Server (see docs/scaling.md)",
+        "(gc.freeze) as clients connect, and raise its thresholds to 50,000/20/100 while the "
+        "server runs; needed for thousands of clients, but process-wide: on for "
+        "`backbone serve`, off for an embedded Server (see docs/scaling.md)",
     )
 
     @field_validator("stateless_reset_key")

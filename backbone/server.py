@@ -342,6 +342,8 @@ class Server(HandlerOwner, PendingOwner):
             max_wait=cfg.receive_delay_limit,
             late_after=cfg.behind_after,
         )
+        if self._freezer is not None:  # listening: from here on stop() undoes it
+            self._freezer.start()
         self._sample()
         log.info("listening on %s:%d (QUIC, ALPN backbone/1)", cfg.host, self._port)
         if signals.wants(signals.on_server_started):

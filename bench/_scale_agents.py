@@ -209,9 +209,9 @@ async def bb_server_main(args: argparse.Namespace) -> None:
         import tracemalloc
 
         tracemalloc.start(args.tracemalloc)
-    gc_threshold = os.environ.get("BENCH_GC_THRESHOLD")  # e.g. "50000,20,100"
-    if gc_threshold:
-        gc.set_threshold(*(int(x) for x in gc_threshold.split(",")))
+    # e.g. "700,10,10" (CPython's): set after the server started, which sets its own
+    # with gc_freeze (backbone.gc_freeze.SERVER_THRESHOLDS)
+    gc_threshold = os.environ.get("BENCH_GC_THRESHOLD")
     settings: dict[str, Any] = {}
     if args.admission is not None:
         settings["max_new_sessions_per_second"] = args.admission
@@ -238,6 +238,8 @@ async def bb_server_main(args: argparse.Namespace) -> None:
 
         _srv._ServerConnection.handshake_done = handshake_done  # type: ignore[method-assign]
     await server.start()
+    if gc_threshold:
+        gc.set_threshold(*(int(x) for x in gc_threshold.split(",")))
     _out({"event": "listening", "port": server.port, "pid": os.getpid(), "t": time.time()})
     if args.sample:
         _keep.append(asyncio.ensure_future(_sampler(lambda: len(server))))

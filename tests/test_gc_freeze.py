@@ -11,13 +11,18 @@ import weakref
 from aioquic.quic.connection import QuicConnection
 
 from backbone import Server
-from backbone.gc_freeze import ConnectionFreezer
+from backbone.gc_freeze import SERVER_THRESHOLDS, ConnectionFreezer
 from backbone.settings import ServeSettings
 
 
 class FakeGc:
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.threshold = (700, 10, 10)
+
+    def set_threshold(self, *t: int) -> None:
+        self.calls.append(f"threshold {t}")
+        self.threshold = t  # type: ignore[assignment]
 
     def freezer(self, **kw: object) -> ConnectionFreezer:
         return ConnectionFreezer(
@@ -25,6 +30,8 @@ class FakeGc:
             freeze=lambda: self.calls.append("freeze"),
             unfreeze=lambda: self.calls.append("unfreeze"),
             frozen_count=lambda: 0,
+            get_threshold=lambda: self.threshold,
+            set_threshold=self.set_threshold,
             **kw,  # type: ignore[arg-type]
         )
 
@@ -61,6 +68,26 @@ def test_stop_unfreezes_only_if_it_froze() -> None:
     assert fake.calls.count("unfreeze") == 1
 
 
+def test_start_raises_the_thresholds_and_stop_puts_them_back() -> None:
+    fake = FakeGc()
+    f = fake.freezer(thresholds=(50_000, 20, 100))
+    f.start()
+    assert fake.threshold == (50_000, 20, 100)
+    f.start()  # a second start does not save the raised ones as the originals
+    f.stop()
+    assert fake.threshold == (700, 10, 10)
+    f.stop()
+    assert fake.calls == ["threshold (50000, 20, 100)", "threshold (700, 10, 10)"]
+
+
+def test_no_thresholds_leaves_them_alone() -> None:
+    fake = FakeGc()
+    f = fake.freezer(thresholds=None)
+    f.start()
+    f.stop()
+    assert fake.calls == [] and fake.threshold == (700, 10, 10)
+
+
 def test_on_for_serve_off_for_an_embedded_server(certs) -> None:
     assert ServeSettings(certfile="c", keyfile="k").server_config().gc_freeze is True
     server = Server("127.0.0.1", 0, certfile=str(certs.server_cert), keyfile=str(certs.server_key))
@@ -75,8 +102,10 @@ def _server_quic(server: Server, client_id: str) -> QuicConnection:
 async def test_connections_frozen_while_alive_and_freed_when_ended(
     make_server, make_client, events, no_cyclic_gc
 ):
+    before = gc.get_threshold()
     async with make_server(gc_freeze=True) as server:
         assert server._freezer is not None
+        assert gc.get_threshold() == SERVER_THRESHOLDS
         server._freezer.min_batch = 3
         clients = [make_client(f"frz-{i}", server.port) for i in range(3)]
         for c in clients:
@@ -104,3 +133,4 @@ async def test_connections_frozen_while_alive_and_freed_when_ended(
         for c in clients[1:]:
             await c.close()
     assert server._freezer.freezes == 0  # stop() gave them back to the collector
+    assert gc.get_threshold() == before
