@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.machine_stalls import EPISODE_GAP, StallProbe, summarize
+from bench.machine_stalls import EPISODE_GAP, StallProbe, share_in_episodes, summarize
 
 
 def test_stalled_chunks_close_together_make_one_episode() -> None:
@@ -38,6 +38,25 @@ def test_stalls_further_apart_than_the_gap_are_separate_episodes() -> None:
     assert summarize(starts, walls, 1.0, 3.0)["episodes"] == 2
     # with a wider gap they are one
     assert summarize(starts, walls, 1.0, 3.0, gap=0.05)["episodes"] == 1
+
+
+def test_the_episode_spans_are_reported() -> None:
+    starts = [0.0, 0.010, 0.012, 0.5]
+    walls = [0.001, 0.001, 0.005, 0.001]
+    r = summarize(starts, walls, 1.0, 3.0)
+    assert r["episode_spans"] == [(0.012, pytest.approx(0.017))]
+
+
+def test_messages_in_flight_during_an_episode() -> None:
+    spans = [(1.0, 1.05), (2.0, 2.03)]
+    sent_at = [0.5, 0.99, 1.02, 1.06, 1.5, 1.99, 2.5]
+    latencies = [0.001, 0.02, 0.001, 0.001, 0.6, 0.0005, 0.001]
+    # in flight during an episode: sent before and handled in it (0.99), sent in it
+    # (1.02), sent before and handled after the second one started (1.5 + 0.6 = 2.1);
+    # not: 0.5 (done before), 1.06 (after the first), 1.99 (done at 1.9905), 2.5
+    assert share_in_episodes(sent_at, latencies, spans) == pytest.approx(3 / 7)
+    assert share_in_episodes([], [], spans) == 0.0
+    assert share_in_episodes(sent_at, latencies, []) == 0.0
 
 
 def test_a_quiet_run_reports_no_stall() -> None:
