@@ -32,11 +32,15 @@ generation after 50,000 net allocations instead of 700, of the middle one after 
 those, and a full one considered after 100 middle ones.  Most of what a server allocates
 (packets, frames, events) dies young by reference counting; with a small threshold the
 collector walks it while it is still alive, promotes it, and walks it again in the older
-generations.  In a broadcast to 10,000 clients the server spent 0.3-0.9 s of each
-broadcast in the collector with CPython's thresholds and 0.07-0.18 s with these
-(docs/benchmarks.md, session 12).  A young collection now walks up to 50,000 objects
-(a few milliseconds) instead of 700, but the full collections that took 50-270 ms
-become rare.  :meth:`ConnectionFreezer.stop` puts the old thresholds back.
+generations.  In a broadcast to 10,000 clients (then a WaitAck one) the server spent
+0.75-1.82 s of the two broadcasts in the collector with CPython's thresholds and
+0.09-0.25 s with these (docs/benchmarks.md, session 12).  A young collection now walks up
+to 50,000 objects (a few milliseconds) instead of 700, and a full one is considered only
+after 2,000 young ones instead of 100 (CPython 3.11-3.13's generational collector; 3.14's
+incremental one reads the thresholds differently).  The thresholds are raised while at
+least one server with ``gc_freeze`` runs in the process (:class:`RaisedThresholds`): the
+first to start saves those in force, the last to stop puts them back, including over
+any the application set in between.
 """
 
 from __future__ import annotations
@@ -49,6 +53,40 @@ log = logging.getLogger("backbone.server")
 
 #: the collector's thresholds while a server with ``gc_freeze`` runs (see above)
 SERVER_THRESHOLDS = (50_000, 20, 100)
+
+
+class RaisedThresholds:
+    """The collector's thresholds, raised while at least one holder wants them: the
+    first :meth:`hold` saves those in force, the last :meth:`release` puts them back
+    (pure apart from the injected ``gc`` functions)."""
+
+    def __init__(
+        self,
+        get_threshold: Callable[[], tuple[int, int, int]] = gc.get_threshold,
+        set_threshold: Callable[..., None] = gc.set_threshold,
+    ) -> None:
+        self._get_threshold = get_threshold
+        self._set_threshold = set_threshold
+        self.holders = 0
+        self._saved: tuple[int, int, int] | None = None
+
+    def hold(self, thresholds: tuple[int, int, int]) -> None:
+        if self.holders == 0:
+            self._saved = self._get_threshold()
+            self._set_threshold(*thresholds)
+        self.holders += 1
+
+    def release(self) -> None:
+        if self.holders == 0:
+            return
+        self.holders -= 1
+        if self.holders == 0 and self._saved is not None:
+            self._set_threshold(*self._saved)
+            self._saved = None
+
+
+#: the process's: every server's freezer holds this one
+PROCESS_THRESHOLDS = RaisedThresholds()
 
 
 class ConnectionFreezer:
@@ -68,8 +106,7 @@ class ConnectionFreezer:
         unfreeze: Callable[[], None] = gc.unfreeze,
         frozen_count: Callable[[], int] = gc.get_freeze_count,
         thresholds: tuple[int, int, int] | None = SERVER_THRESHOLDS,
-        get_threshold: Callable[[], tuple[int, int, int]] = gc.get_threshold,
-        set_threshold: Callable[..., None] = gc.set_threshold,
+        raised: RaisedThresholds = PROCESS_THRESHOLDS,
     ) -> None:
         self.min_batch = min_batch
         self.growth = growth
@@ -80,17 +117,15 @@ class ConnectionFreezer:
         self.new_since_freeze = 0
         self.freezes = 0
         self.thresholds = thresholds
-        self._get_threshold = get_threshold
-        self._set_threshold = set_threshold
-        #: the thresholds :meth:`start` replaced (None: it did not, or :meth:`stop` ran)
-        self._saved_thresholds: tuple[int, int, int] | None = None
+        self._raised = raised
+        self._holding = False
 
     def start(self) -> None:
         """Raise the collector's thresholds to :attr:`thresholds` (None: leave them)."""
-        if self.thresholds is None or self._saved_thresholds is not None:
+        if self.thresholds is None or self._holding:
             return
-        self._saved_thresholds = self._get_threshold()
-        self._set_threshold(*self.thresholds)
+        self._raised.hold(self.thresholds)
+        self._holding = True
 
     def connected(self) -> None:
         self.new_since_freeze += 1
@@ -114,11 +149,11 @@ class ConnectionFreezer:
         return True
 
     def stop(self) -> None:
-        """Give the frozen objects back to the collector (if this froze any), and put
-        back the thresholds :meth:`start` replaced."""
+        """Give the frozen objects back to the collector (if this froze any), and let
+        go of the raised thresholds (put back when no other server holds them)."""
         if self.freezes:
             self._unfreeze()
             self.freezes = 0
-        if self._saved_thresholds is not None:
-            self._set_threshold(*self._saved_thresholds)
-            self._saved_thresholds = None
+        if self._holding:
+            self._holding = False
+            self._raised.release()

@@ -501,6 +501,28 @@ class Server(HandlerOwner, PendingOwner):
         if self._closing or self._quic_server is None:
             return
         self._closing = True
+        try:
+            await self._close_everything(grace)
+        finally:
+            # even when the above was cancelled or failed: stop() is not run twice
+            if self._freezer is not None:
+                self._freezer.stop()
+        log.info("stopped")
+        if signals.wants(signals.on_server_stopped):
+            signals.emit(
+                signals.on_server_stopped,
+                self,
+                ServerStopped(
+                    role="server", host=self.config.host, port=self._port, reason="stopped"
+                ),
+            )
+        signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
+        for plugin in reversed(self.plugins):
+            uninstall_plugin(plugin, self)
+
+    async def _close_everything(self, grace: float | None) -> None:
+        """:meth:`stop`'s work: GOAWAY to every client, the grace for pending results,
+        then every connection closed and the socket released."""
         grace = self.config.close_grace if grace is None else grace
         retry_after, window = self.config.drain_retry_after, self.config.drain_window
         goaway = encode_json_frame(
@@ -547,20 +569,6 @@ class Server(HandlerOwner, PendingOwner):
             self._pending_timer.cancel()
         if self._sampler is not None:
             self._sampler.cancel()
-        if self._freezer is not None:
-            self._freezer.stop()
-        log.info("stopped")
-        if signals.wants(signals.on_server_stopped):
-            signals.emit(
-                signals.on_server_stopped,
-                self,
-                ServerStopped(
-                    role="server", host=self.config.host, port=self._port, reason="stopped"
-                ),
-            )
-        signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
-        for plugin in reversed(self.plugins):
-            uninstall_plugin(plugin, self)
 
     async def __aenter__(self) -> Server:
         await self.start()

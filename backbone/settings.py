@@ -378,8 +378,8 @@ class ServeSettings(_Layered, ServerConfig):  # type: ignore[misc]
     gc_freeze: bool = Field(
         True,
         description="move live connections out of the cyclic garbage collector's reach "
-        "(gc.freeze) as clients connect, and raise its thresholds to 50,000/20/100; on here "
-        "because the process is backbone's (see docs/scaling.md)",
+        "(gc.freeze) as clients connect, and raise its thresholds to 50,000/20/100 while the "
+        "server runs; on here because the process is backbone's (see docs/scaling.md)",
     )
     admin_enabled: bool = Field(True, description="serve the admin HTTP API")
     admin_host: str = Field(

@@ -7,12 +7,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
+from collections.abc import Iterator
 
+import pytest
 from aioquic.quic.connection import QuicConnection
 
 from backbone import Server
-from backbone.gc_freeze import SERVER_THRESHOLDS, ConnectionFreezer
+from backbone.gc_freeze import SERVER_THRESHOLDS, ConnectionFreezer, RaisedThresholds
 from backbone.settings import ServeSettings
+
+
+@pytest.fixture(autouse=True)
+def thresholds_restored() -> Iterator[None]:
+    """A failed test must not leave the process's thresholds raised for the others."""
+    before = gc.get_threshold()
+    yield
+    gc.set_threshold(*before)
 
 
 class FakeGc:
@@ -24,14 +34,16 @@ class FakeGc:
         self.calls.append(f"threshold {t}")
         self.threshold = t  # type: ignore[assignment]
 
-    def freezer(self, **kw: object) -> ConnectionFreezer:
+    def raised(self) -> RaisedThresholds:
+        return RaisedThresholds(lambda: self.threshold, self.set_threshold)
+
+    def freezer(self, raised: RaisedThresholds | None = None, **kw: object) -> ConnectionFreezer:
         return ConnectionFreezer(
             collect_young=lambda: self.calls.append("collect"),
             freeze=lambda: self.calls.append("freeze"),
             unfreeze=lambda: self.calls.append("unfreeze"),
             frozen_count=lambda: 0,
-            get_threshold=lambda: self.threshold,
-            set_threshold=self.set_threshold,
+            raised=raised or self.raised(),
             **kw,  # type: ignore[arg-type]
         )
 
@@ -78,6 +90,22 @@ def test_start_raises_the_thresholds_and_stop_puts_them_back() -> None:
     assert fake.threshold == (700, 10, 10)
     f.stop()
     assert fake.calls == ["threshold (50000, 20, 100)", "threshold (700, 10, 10)"]
+
+
+def test_two_servers_stopped_in_either_order_put_the_thresholds_back() -> None:
+    fake = FakeGc()
+    raised = fake.raised()
+    for first_out in (0, 1):
+        a = fake.freezer(raised, thresholds=(50_000, 20, 100))
+        b = fake.freezer(raised, thresholds=(50_000, 20, 100))
+        a.start()
+        b.start()  # must not save a's raised thresholds as the ones to put back
+        freezers = [a, b]
+        freezers.pop(first_out).stop()
+        assert fake.threshold == (50_000, 20, 100), "the other server still runs"
+        freezers[0].stop()
+        assert fake.threshold == (700, 10, 10)
+        assert raised.holders == 0
 
 
 def test_no_thresholds_leaves_them_alone() -> None:
@@ -134,3 +162,24 @@ async def test_connections_frozen_while_alive_and_freed_when_ended(
             await c.close()
     assert server._freezer.freezes == 0  # stop() gave them back to the collector
     assert gc.get_threshold() == before
+
+
+async def test_a_cancelled_stop_still_lets_go_of_the_thresholds(make_server) -> None:
+    before = gc.get_threshold()
+    async with make_server(gc_freeze=True) as server:
+        assert gc.get_threshold() == SERVER_THRESHOLDS
+        close_everything = server._close_everything
+        entered, gate = asyncio.Event(), asyncio.Event()
+
+        async def held(grace: float | None) -> None:
+            entered.set()
+            await gate.wait()  # as stop() waiting out the grace for pending results
+
+        server._close_everything = held
+        stopping = asyncio.create_task(server.stop())
+        await entered.wait()
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        assert gc.get_threshold() == before
+        await close_everything(0)  # release the socket; stop() will not run again
