@@ -124,21 +124,27 @@ def summarize(
     }
 
 
-def share_in_episodes(
+def in_episodes(
     sent_at: Sequence[float], latencies: Sequence[float], spans: Sequence[Sequence[float]]
-) -> float:
-    """The share of messages that were in flight (from ``sent_at`` to ``sent_at`` +
-    latency) at some moment of a stall episode (``spans``: sorted (start, end))."""
-    if not sent_at:
-        return 0.0
+) -> list[bool]:
+    """For each message: was it in flight (from ``sent_at`` to ``sent_at`` + latency) at
+    some moment of a stall episode (``spans``: sorted (start, end))?"""
     starts = [s for s, _ in spans]
-    hit = 0
+    flags = []
     for t, lat in zip(sent_at, latencies, strict=True):
         # the last episode that starts before the message arrived
         i = bisect.bisect_right(starts, t + lat) - 1
-        if i >= 0 and spans[i][1] >= t:
-            hit += 1
-    return hit / len(sent_at)
+        flags.append(i >= 0 and spans[i][1] >= t)
+    return flags
+
+
+def share_in_episodes(
+    sent_at: Sequence[float], latencies: Sequence[float], spans: Sequence[Sequence[float]]
+) -> float:
+    """The share of messages that were in flight during a stall episode."""
+    if not sent_at:
+        return 0.0
+    return sum(in_episodes(sent_at, latencies, spans)) / len(sent_at)
 
 
 def measure(

@@ -7,7 +7,13 @@ import time
 
 import pytest
 
-from bench.machine_stalls import EPISODE_GAP, StallProbe, share_in_episodes, summarize
+from bench.machine_stalls import (
+    EPISODE_GAP,
+    StallProbe,
+    in_episodes,
+    share_in_episodes,
+    summarize,
+)
 
 
 def test_stalled_chunks_close_together_make_one_episode() -> None:
@@ -54,6 +60,9 @@ def test_messages_in_flight_during_an_episode() -> None:
     # in flight during an episode: sent before and handled in it (0.99), sent in it
     # (1.02), sent before and handled after the second one started (1.5 + 0.6 = 2.1);
     # not: 0.5 (done before), 1.06 (after the first), 1.99 (done at 1.9905), 2.5
+    assert in_episodes(sent_at, latencies, spans) == [
+        False, True, True, False, True, False, False
+    ]  # fmt: skip
     assert share_in_episodes(sent_at, latencies, spans) == pytest.approx(3 / 7)
     assert share_in_episodes([], [], spans) == 0.0
     assert share_in_episodes(sent_at, latencies, []) == 0.0
