@@ -215,6 +215,10 @@ class StallProbe:
             cpus.append(cpu() - c)
             starts.append(t)
 
+    @property
+    def chunks_taken(self) -> int:
+        return len(self._walls)
+
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         if self._thread is not None:

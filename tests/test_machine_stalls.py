@@ -76,7 +76,9 @@ def test_a_quiet_run_reports_no_stall() -> None:
 def test_the_probe_thread_measures_chunks_until_stopped() -> None:
     probe = StallProbe(chunk=0.0001, every=0.002)
     probe.start()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while probe.chunks_taken < 10 and time.monotonic() < deadline:
+        time.sleep(0.005)  # the probe thread runs on its own; wait until it has 10 chunks
     report = probe.stop()
     assert report["chunks"] >= 10
     assert 0.0 <= report["cpu_stalled_share"] <= 1.0
