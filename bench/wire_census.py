@@ -16,11 +16,11 @@ every process counting, through wrappers around aioquic:
   generation, and each process's CPU time over the window.
 
 Heartbeats are every 45 s (under QUIC's 60 s idle timeout) so that few fall in the
-window; their stream writes are counted apart (stream 4).  For each stack it ramps to
-``--clients``, waits, snapshots every process's counters (SIGUSR1), runs one broadcast
-(one-way, then WaitAck, ``--rounds`` times; each in its own window of ``--settle`` s
-after the broadcast ends, so the ACKs it causes are counted), snapshots again and prints
-the timings and the differences per recipient::
+window (``--hb`` sets another); their stream writes are counted apart (stream 4).  For
+each stack it ramps to ``--clients``, waits, snapshots every process's counters
+(SIGUSR1), runs one broadcast (one-way, then WaitAck, ``--rounds`` times; each in its own
+window of ``--settle`` s after the broadcast ends, so the ACKs it causes are counted),
+snapshots again and prints the timings and the differences per recipient::
 
     PYTHONPATH=. python3 bench/wire_census.py --clients 300
     PYTHONPATH=. python3 bench/wire_census.py --clients 2000 --generators 4 --stacks backbone
@@ -361,8 +361,14 @@ def main() -> None:
     )
     ap.add_argument("--profile", help="cProfile the server per broadcast: PREFIX-stack-kind.prof")
     ap.add_argument("--json", help="also write the raw counts here")
+    ap.add_argument(
+        "--hb",
+        type=float,
+        default=45.0,
+        help="heartbeat interval, s (default 45: few heartbeats in the window, under "
+        "QUIC's 60 s idle timeout; 15 is backbone's default)",
+    )
     args = ap.parse_args()
-    args.hb = 45.0  # few heartbeats in the window (QUIC's idle timeout is 60 s)
     out = asyncio.run(main_async(args))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
