@@ -59,7 +59,7 @@ from bench._harness import (
     write_docs_section,
     write_json,
 )
-from bench.machine_stalls import StallProbe, brief, in_episodes, share_in_episodes
+from bench.machine_stalls import StallProbe, brief, in_episodes
 
 RESULTS_NAME = "latency.json"
 PNG = ROOT / "docs" / "latency.png"
@@ -373,20 +373,13 @@ def _tail_in_episodes(
     """Add to the probe's report the share of all messages, and of the messages at or
     above the p99, that were in flight during one of its stall episodes, and the p99 of
     the messages that were not (ms)."""
-    spans = stalls.get("episode_spans") or []
     p99 = percentile(sorted_lat, 99.0)
-    stalls["p99_outside_episodes_ms"] = p99 * 1e3 if p99 is not None else None
-    if p99 is None or not spans:
-        stalls["messages_in_episodes"] = stalls["tail_in_episodes"] = 0.0
-        return
-    tail = [(t, x) for t, x in zip(sent_at, in_order, strict=True) if x >= p99]
-    stalls["messages_in_episodes"] = share_in_episodes(sent_at, in_order, spans)
-    stalls["tail_in_episodes"] = share_in_episodes(
-        [t for t, _ in tail], [x for _, x in tail], spans
-    )
-    hit = in_episodes(sent_at, in_order, spans)
+    hit = in_episodes(sent_at, in_order, stalls.get("episode_spans") or [])
+    tail = [h for x, h in zip(in_order, hit, strict=True) if p99 is not None and x >= p99]
     outside = sorted(x for x, h in zip(in_order, hit, strict=True) if not h)
     p99_outside = percentile(outside, 99.0)
+    stalls["messages_in_episodes"] = sum(hit) / len(hit) if hit else 0.0
+    stalls["tail_in_episodes"] = sum(tail) / len(tail) if tail else 0.0
     stalls["p99_outside_episodes_ms"] = p99_outside * 1e3 if p99_outside is not None else None
 
 

@@ -138,15 +138,6 @@ def in_episodes(
     return flags
 
 
-def share_in_episodes(
-    sent_at: Sequence[float], latencies: Sequence[float], spans: Sequence[Sequence[float]]
-) -> float:
-    """The share of messages that were in flight during a stall episode."""
-    if not sent_at:
-        return 0.0
-    return sum(in_episodes(sent_at, latencies, spans)) / len(sent_at)
-
-
 def measure(
     duration: float = 10.0,
     procs: int = 1,

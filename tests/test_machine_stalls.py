@@ -11,7 +11,6 @@ from bench.machine_stalls import (
     EPISODE_GAP,
     StallProbe,
     in_episodes,
-    share_in_episodes,
     summarize,
 )
 
@@ -63,9 +62,8 @@ def test_messages_in_flight_during_an_episode() -> None:
     assert in_episodes(sent_at, latencies, spans) == [
         False, True, True, False, True, False, False
     ]  # fmt: skip
-    assert share_in_episodes(sent_at, latencies, spans) == pytest.approx(3 / 7)
-    assert share_in_episodes([], [], spans) == 0.0
-    assert share_in_episodes(sent_at, latencies, []) == 0.0
+    assert in_episodes([], [], spans) == []
+    assert in_episodes(sent_at, latencies, []) == [False] * 7
 
 
 def test_a_quiet_run_reports_no_stall() -> None:
