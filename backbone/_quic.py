@@ -666,8 +666,9 @@ class SocketReader:
         seconds ago or is under way: called before a connection's timer fires
         (:meth:`QuicEndpoint._handle_timer`), so that a pass of many due timers reads
         the socket between them instead of once, with at least ``catch_up_after`` of
-        other work between two reads (a batch itself may take up to ``time_budget``)."""
-        if self._reading or self._loop.time() - self.last_read_at < self.catch_up_after:
+        other work between two reads (a batch itself may take up to ``time_budget``).
+        A read under way is left alone by :meth:`_read_ready` itself."""
+        if self._loop.time() - self.last_read_at < self.catch_up_after:
             return
         self.read_now("before a timer")
 
