@@ -186,6 +186,7 @@ class StallProbe:
         self._starts: list[float] = []
         self._walls: list[float] = []
         self._cpus: list[float] = []
+        self._measured = threading.Condition()
         self._began = 0.0
 
     def start(self) -> None:
@@ -205,10 +206,17 @@ class StallProbe:
             walls.append(perf() - t)
             cpus.append(cpu() - c)
             starts.append(t)
+            with self._measured:
+                self._measured.notify_all()
 
     @property
     def chunks_taken(self) -> int:
         return len(self._walls)
+
+    def wait_for_chunks(self, n: int, timeout: float) -> bool:
+        """Block until the probe has measured ``n`` chunks (True) or ``timeout`` passed."""
+        with self._measured:
+            return self._measured.wait_for(lambda: len(self._walls) >= n, timeout)
 
     def stop(self) -> dict[str, Any]:
         self._stop.set()

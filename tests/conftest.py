@@ -85,17 +85,49 @@ class Events:
 
     async def wait_new(self, kind: str, timeout: float = 10.0, **match: Any) -> Event:
         """Like wait, but only for an event that has not happened yet."""
+        return await self.expect(kind, timeout, **match)
+
+    def expect(self, kind: str, timeout: float = 10.0, **match: Any) -> asyncio.Task[Event]:
+        """Start waiting now for the next matching event (one that has not happened yet);
+        await the returned task later.  For an event that the code between this call and
+        the await may cause: no ``sleep(0)`` to let a waiter register first."""
 
         def pred(e: Event) -> bool:
             return e.kind == kind and all(getattr(e, k) == v for k, v in match.items())
 
-        fut: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
-        self._waiters.append((pred, fut))
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        finally:
-            self._waiters.remove((pred, fut))
+        return self._register(pred, timeout)
+
+    async def wait_count(
+        self, kind: str, n: int, timeout: float = 10.0, **match: Any
+    ) -> list[Event]:
+        """Wait until ``n`` matching events have been recorded (those already recorded
+        count); returns them all."""
+
+        def pred(e: Event) -> bool:
+            return (
+                e.kind == kind
+                and all(getattr(e, k) == v for k, v in match.items())
+                and len(self.of(kind, **match)) >= n
+            )
+
+        if len(self.of(kind, **match)) < n:
+            await self._register(pred, timeout)
+        return self.of(kind, **match)
+
+    def _register(self, pred: Callable[[Event], bool], timeout: float) -> asyncio.Task[Event]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Event] = loop.create_future()
+        entry = (pred, fut)
+        self._waiters.append(entry)  # registered before the caller's next line runs
+
+        async def waiting() -> Event:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await fut
+            finally:
+                self._waiters.remove(entry)
+
+        return loop.create_task(waiting())
 
 
 @pytest.fixture

@@ -158,6 +158,7 @@ class UdpRelay(asyncio.DatagramProtocol):
         self.duplicated = {"up": 0, "down": 0}
         self.reordered = {"up": 0, "down": 0}
         self.delayed = {"up": 0, "down": 0}
+        self._watchers: list[tuple[Any, asyncio.Future[None]]] = []
 
     @classmethod
     async def start(cls, target: Addr, **kw: Any) -> UdpRelay:
@@ -247,6 +248,56 @@ class UdpRelay(asyncio.DatagramProtocol):
         for data in backlog:
             flow.send_up(data)
 
+    # --- waiting for traffic (tests wait on what crossed, never on a bare sleep) -----------
+    async def wait_until(self, pred: Any, timeout: float = 10.0) -> None:
+        """Return once ``pred(relay)`` is true: checked now and after every datagram the
+        relay forwards or drops.  TimeoutError after ``timeout`` seconds."""
+        if pred(self):
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (pred, fut)
+        self._watchers.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+        finally:
+            self._watchers.remove(entry)
+
+    async def wait_quiet(self, quiet: float = 0.15, timeout: float = 5.0) -> dict[str, int]:
+        """Return the forwarded counts once no datagram has crossed for ``quiet`` seconds
+        (each datagram restarts the wait).  TimeoutError if traffic never pauses that
+        long within ``timeout``."""
+        loop = asyncio.get_running_loop()
+        quiet_now: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            if not quiet_now.done():
+                quiet_now.set_result(None)
+
+        timer = loop.call_later(quiet, done)
+
+        def restart(_: UdpRelay) -> bool:
+            nonlocal timer
+            timer.cancel()
+            timer = loop.call_later(quiet, done)
+            return False
+
+        entry = (restart, loop.create_future())
+        self._watchers.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await quiet_now
+        finally:
+            timer.cancel()
+            self._watchers.remove(entry)
+        return dict(self.forwarded)
+
+    def _notify(self) -> None:
+        for pred, fut in list(self._watchers):
+            if not fut.done() and pred(self):
+                fut.set_result(None)
+
+    # --- the data path (continued) -----------------------------------------------------
     def _verdict(self, direction: str, flow: _Flow) -> bool:
         """Count and decide whether a datagram is dropped."""
         imp = self.up if direction == "up" else self.down
@@ -254,10 +305,12 @@ class UdpRelay(asyncio.DatagramProtocol):
         if cut:
             self.dropped[direction] += 1
             self.cut[direction] += 1
+            self._notify()
             return True
         if imp.loss and self._rng[direction].random() < imp.loss:
             self.dropped[direction] += 1
             self.lost[direction] += 1
+            self._notify()
             return True
         return False
 
@@ -265,6 +318,7 @@ class UdpRelay(asyncio.DatagramProtocol):
         if self._closed or self._verdict(direction, flow):
             return
         self.forwarded[direction] += 1
+        self._notify()
         imp = self.up if direction == "up" else self.down
         rng = self._rng[direction]
         delay = imp.delay

@@ -47,10 +47,7 @@ async def test_ended_connections_are_freed_without_the_cyclic_collector(
             assert _alive(QuicConnection) == before + 2  # one at each end
             # the server drops the session, the client reconnects: both ended
             # connections must go, with the cyclic collector off
-            reconnected = asyncio.ensure_future(
-                events.wait_new("connected", role="client", client_id="cyc-1")
-            )
-            await asyncio.sleep(0)
+            reconnected = events.expect("connected", role="client", client_id="cyc-1")
             assert server.evict("cyc-1")
             await reconnected
             await client.wait_connected(5)

@@ -211,11 +211,13 @@ async def test_too_many_pending_fails_at_once(make_server, make_client, events):
         b.handler(wait_gate)
         async with running(a, b):
             first = [asyncio.ensure_future(server.send_to("a", i, wait_ack=True)) for i in (1, 2)]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one pass: each send registers its entry before it awaits
+            assert len(server.pending) == 2
             with pytest.raises(TooManyPending, match="per-peer"):
                 await server.send_to("a", 3, wait_ack=True)
             third = asyncio.ensure_future(server.send_to("b", 1, wait_ack=True))
             await asyncio.sleep(0)
+            assert len(server.pending) == 3
             with pytest.raises(TooManyPending, match="total"):
                 await server.send_to("b", 2, wait_ack=True)
             ev = await events.wait("send.rejected", reason="too_many_pending")
@@ -315,8 +317,7 @@ async def test_a_client_pings_on_the_wall_clock_grid(make_server, make_client, e
     async with make_server(heartbeat_interval=0.4) as server:
         client = make_client("aligned", server.port, heartbeat_interval=0.4, heartbeat_align=0.05)
         async with running(client):
-            for _ in range(3):
-                await events.wait("heartbeat.acknowledged", role="client")
+            await events.wait_count("heartbeat.acknowledged", 3, role="client")
             conn = client._conn
             assert conn is not None
             hb = conn.session.heartbeat

@@ -125,9 +125,7 @@ async def test_relay_impairments_are_seeded_and_per_direction():
                         await asyncio.sleep(0.002)
                 # the relay may still hold some of the 400 in its socket buffer: count
                 # losses only once it has decided on every one of them
-                async with asyncio.timeout(5):
-                    while relay.forwarded["up"] + relay.lost["up"] < 400:
-                        await asyncio.sleep(0.005)
+                await relay.wait_until(lambda r: r.forwarded["up"] + r.lost["up"] >= 400, 5)
                 up_ok = 400 - relay.lost["up"]
                 # every datagram that got up comes back, some twice
                 await sink.wait_for(up_ok + relay.duplicated["down"])
@@ -174,9 +172,7 @@ async def test_relay_blackhole_one_direction_and_partition():
         relay.down.blackhole = True  # requests still reach the server, answers do not
         a_t.sendto(b"a3", relay.address)
         b_t.sendto(b"b9", relay.address)
-        async with asyncio.timeout(5):
-            while relay.cut["down"] < 2:
-                await asyncio.sleep(0.005)
+        await relay.wait_until(lambda r: r.cut["down"] >= 2, 5)
         assert a.got == [b"a1", b"a2"] and relay.forwarded["up"] == 10
         assert not relay.blackhole  # only one direction is off
     finally:

@@ -140,24 +140,31 @@ async def test_connections_frozen_while_alive_and_freed_when_ended(
             await c.start()
         for c in clients:
             await c.wait_connected(5)
-        # the server's once-a-second sampler freezes
-        for _ in range(60):
-            if server._freezer.freezes:
-                break
-            await asyncio.sleep(0.05)
-        assert server._freezer.freezes == 1
+        # the server's once-a-second sampler freezes: wait for its next tick
+        freezer = server._freezer
+        ticked = asyncio.Event()
+        tick = freezer.tick
+
+        def tick_and_tell(sessions: int) -> None:
+            tick(sessions)
+            ticked.set()
+
+        freezer.tick = tick_and_tell  # type: ignore[method-assign]
+        await asyncio.wait_for(ticked.wait(), 3)
+        assert freezer.freezes == 1
         tracked = {id(o) for o in gc.get_objects() if type(o) is QuicConnection}
         quics = [_server_quic(server, f"frz-{i}") for i in range(3)]
         assert not any(id(q) in tracked for q in quics), "live connections still tracked"
-        gone = weakref.ref(quics[0])
+        freed = asyncio.Event()
+        weakref.finalize(quics[0], freed.set)
         del quics
         await clients[0].close()
         await events.wait("disconnected", role="server", client_id="frz-0")
-        for _ in range(40):  # aioquic's closing period ends on its own timer
-            if gone() is None:
-                break
-            await asyncio.sleep(0.05)
-        assert gone() is None, "an ended frozen connection was not freed"
+        # aioquic's closing period ends on its own timer; then reference counting frees it
+        try:
+            await asyncio.wait_for(freed.wait(), 3)
+        except TimeoutError:
+            raise AssertionError("an ended frozen connection was not freed") from None
         for c in clients[1:]:
             await c.close()
     assert server._freezer.freezes == 0  # stop() gave them back to the collector

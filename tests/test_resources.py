@@ -9,10 +9,11 @@ import collections
 import gc
 import sys
 import time
+from typing import Any
 
 import pytest
 
-from backbone import BackboneError, Backpressure
+from backbone import BackboneError, Backpressure, signals
 
 from .fault_agents import Agent, clients_args, rss_kib, run_waitack_plan
 from .test_faults import report, started
@@ -55,9 +56,21 @@ async def test_100k_waitack_timeouts_leave_no_pending_and_no_memory_behind(
             name="mute",
         )
         try:
-            async with asyncio.timeout(60):
-                while len(server) < n_clients:
-                    await asyncio.sleep(0.05)
+            # (no recording `events` fixture here: 100,000 events would be the memory
+            # this test looks for)
+            all_connected = asyncio.Event()
+
+            def on_connected(sender: Any, event: Any) -> None:
+                if len(server) >= n_clients:
+                    all_connected.set()
+
+            signals.on_connected.connect(on_connected, sender=server, weak=False)
+            try:
+                if len(server) < n_clients:
+                    await asyncio.wait_for(all_connected.wait(), 60)
+            finally:
+                signals.on_connected.disconnect(on_connected, sender=server)
+            assert len(server) == n_clients
 
             async def wave() -> collections.Counter[str]:
                 """``per_wave`` WaitAck sends to each client, launched 40 per event-loop
@@ -183,13 +196,11 @@ async def test_a_client_that_stops_reading_is_bounded_and_isolated(
                 # the others keep working, with big payloads, while the stuck one is full
                 out = await run_waitack_plan(server, {c.client_id: 30 for c in others}, inflight=4)
                 # and it stays full, never more: every further send is refused at once
-                refused = 0
                 for _ in range(50):
                     t0 = time.perf_counter()
                     with pytest.raises(Backpressure):
                         await server.send_to("stuck", b"y" * size, wait_ack=True, timeout=30)
                     assert time.perf_counter() - t0 < 0.05
-                    refused += 1
                     await asyncio.sleep(0.01)
                 after = server.client("stuck").outbound_buffered
                 fine_buffered = [server.client(c.client_id).outbound_buffered for c in others]
@@ -209,7 +220,6 @@ async def test_a_client_that_stops_reading_is_bounded_and_isolated(
     )
     assert accepted * size <= limit < (accepted + 2) * (size + 100)
     assert full <= limit and after <= limit
-    assert refused == 50
     assert {e.client_id for e in rejected} == {"stuck"} and len(rejected) == 51
     assert out["results_ok"] == 90 and out["errors"] == {}
     assert out["latency"]["max"] < 0.5

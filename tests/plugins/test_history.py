@@ -161,10 +161,7 @@ async def test_replay_of_stored_events_equals_the_live_view(make_server, make_cl
             await events.wait_new("heartbeat.received", role="server", client_id="dev-1")
 
             # evicted: the client reconnects by itself
-            back = asyncio.ensure_future(
-                events.wait_new("connected", role="server", client_id="dev-1")
-            )
-            await asyncio.sleep(0)  # let the waiter register (a yield, not a timed wait)
+            back = events.expect("connected", role="server", client_id="dev-1")
             assert server.evict("dev-1")
             second = await back
             assert second.session_id != first.session_id
@@ -176,10 +173,7 @@ async def test_replay_of_stored_events_equals_the_live_view(make_server, make_cl
                 server.send_to("dev-1", {"op": "slow"}, wait_ack=True, timeout=30)
             )
             await events.wait_new("message.received", role="client", client_id="dev-1")
-            back = asyncio.ensure_future(
-                events.wait_new("connected", role="server", client_id="dev-1")
-            )
-            await asyncio.sleep(0)
+            back = events.expect("connected", role="server", client_id="dev-1")
             server.evict("dev-1")
             with pytest.raises(ClientGone):
                 await pending
@@ -451,9 +445,10 @@ async def test_close_from_another_thread_while_the_loop_records_loses_nothing(in
     assert 0 < stats["recorded"] <= emitted
     assert stats["written"] + stats["dropped"] == stats["recorded"]
     assert plugin.count() == stats["written"] > 0
-    if not stats["dropped"]:  # exactly the first events recorded, none twice
-        stored = plugin.history("c1", limit=None)
-        assert [e.at for e in stored] == [1.0 + i / 10_000 for i in range(len(stored))]
+    stored = [e.at for e in plugin.history("c1", limit=None)]
+    assert stored == sorted(set(stored))  # in order, none twice, whatever was dropped
+    if not stats["dropped"]:  # then exactly the first events recorded
+        assert stored == [1.0 + i / 10_000 for i in range(len(stored))]
 
 
 async def test_events_of_many_loop_passes_within_pack_delay_are_one_pack(installed):

@@ -130,9 +130,11 @@ def test_a_weighted_worker_bounds_batches_and_counts_in_units() -> None:
     """Items that stand for several units (history's packed chunks of events): the bound,
     the batch and every count are in units."""
     release = threading.Event()
+    in_handler = threading.Event()
     handled: list[list[tuple[str, int]]] = []
 
     def handle(batch: list[tuple[str, int]]) -> None:
+        in_handler.set()
         release.wait(5)
         handled.append(batch)
 
@@ -143,9 +145,8 @@ def test_a_weighted_worker_bounds_batches_and_counts_in_units() -> None:
     )
     try:
         worker.put(("a", 4))  # taken at once by the thread, which then waits on release
-        deadline = time.monotonic() + 5
-        while worker._taken < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert in_handler.wait(5)
+        assert worker._taken == 4
         for item in (("b", 3), ("c", 3), ("d", 4), ("e", 5)):
             worker.put(item)
         # queued: b, c, d = 10 units; e (5 more) is over the bound: 5 units dropped
