@@ -47,6 +47,7 @@ from .events import (
     StateChanged,
 )
 from .frames import DataFrame
+from .gc_freeze import freeze_setup
 from .ids import MsgIdGenerator
 from .pending import PendingTable
 from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
@@ -483,6 +484,8 @@ class Client(HandlerOwner, PendingOwner):
         self._connected_event = asyncio.Event()
         for plugin in self.plugins:
             install_plugin(plugin, self)
+        if self.config.gc_freeze:
+            freeze_setup()
         self._task = self._loop.create_task(self._run(), name=f"backbone-client-{self.client_id}")
 
     async def close(self) -> None:

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import struct
 import sys
@@ -602,9 +603,11 @@ async def bb_server(conn: Any, scenario: str, params: dict[str, Any]) -> None:
 
     stats = Stats()
     ctl = Control(conn, stats, _profile_path(params, "backbone", scenario, "server"))
-    extra = {}
+    extra: dict[str, Any] = {}
     if params["outbound_limit"] != OUTBOUND_LIMIT:
         extra["outbound_buffer_limit"] = params["outbound_limit"]
+    if os.environ.get("BENCH_GC_FREEZE") == "1":  # as `backbone serve` runs
+        extra["gc_freeze"] = True
     server = Server(
         "127.0.0.1", 0, certfile=params["server_cert"], keyfile=params["server_key"], **extra
     )
@@ -653,7 +656,14 @@ async def bb_client(conn: Any, scenario: str, params: dict[str, Any]) -> None:
 
     stats = Stats()
     ctl = Control(conn, stats, _profile_path(params, "backbone", scenario, "client"))
-    client = Client(CLIENT_ID, "127.0.0.1", params["port"], cafile=params["ca_cert"])
+    client = Client(
+        CLIENT_ID,
+        "127.0.0.1",
+        params["port"],
+        cafile=params["ca_cert"],
+        # as `backbone client` runs
+        gc_freeze=os.environ.get("BENCH_GC_FREEZE") == "1",
+    )
     ok = {"ok": True}
 
     if ALL_SCENARIOS[scenario].kind == "paced":

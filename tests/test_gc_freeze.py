@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 from aioquic.quic.connection import QuicConnection
 
-from backbone import Server
+from backbone import Server, gc_freeze
+from backbone.config import ClientConfig
 from backbone.gc_freeze import SERVER_THRESHOLDS, ConnectionFreezer, RaisedThresholds
-from backbone.settings import ServeSettings
+from backbone.settings import ClientSettings, ServeSettings
 
 
 @pytest.fixture(autouse=True)
@@ -190,3 +191,49 @@ async def test_a_cancelled_stop_still_lets_go_of_the_thresholds(make_server) -> 
             await stopping
         assert gc.get_threshold() == before
         await close_everything(0)  # release the socket; stop() will not run again
+
+
+# --- the client's gc_freeze: its setup frozen once, at start -------------------------------
+
+
+def test_a_client_freezes_only_for_backbone_client() -> None:
+    assert ClientSettings(client_id="agent-1").client_config().gc_freeze is True
+    assert ClientConfig(client_id="agent-1").gc_freeze is False
+
+
+async def test_a_client_with_gc_freeze_freezes_its_setup_when_it_starts(
+    make_server, make_client
+) -> None:
+    try:
+        async with make_server() as server:
+
+            @server.handler
+            async def echo(msg) -> object:  # type: ignore[no-untyped-def]
+                return msg.payload
+
+            plain = make_client("gc-plain", server.port)
+            before = gc_freeze.setup_freezes
+            async with plain:
+                await plain.wait_connected(5)
+            assert gc_freeze.setup_freezes == before  # off: nothing frozen
+            gc.unfreeze()
+            setup = ["made before the client starts"]  # a list: the collector tracks it
+            assert gc.is_tracked(setup) and any(o is setup for o in gc.get_objects())
+            frozen = make_client("gc-frozen", server.port, gc_freeze=True)
+
+            @frozen.handler
+            async def handle(msg) -> object:  # type: ignore[no-untyped-def]
+                return {"got": msg.payload}
+
+            async with frozen:
+                assert gc_freeze.setup_freezes == before + 1
+                assert gc.get_freeze_count() > 0
+                # frozen: no longer among what a collection walks
+                assert not any(o is setup for o in gc.get_objects())
+                await frozen.wait_connected(5)
+                assert await server.send_to("gc-frozen", 7, wait_ack=True) == {"got": 7}
+                # made after the freeze: walked as usual
+                later = ["made after"]
+                assert any(o is later for o in gc.get_objects())
+    finally:
+        gc.unfreeze()  # the rest of the test process is not frozen

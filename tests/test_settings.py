@@ -65,7 +65,8 @@ def test_defaults_are_those_of_server_config_and_client_config() -> None:
     assert (serve.admin_host, serve.admin_port, serve.admin_token) == ("127.0.0.1", 8080, None)
     assert serve.plugins == [] and serve.plugin_options == {} and serve.admin_enabled
     client = ClientSettings.load(flags={"client_id": "dev-1"})
-    assert client.client_config() == ClientConfig(client_id="dev-1")
+    # the process is backbone's: its setup is frozen out of the collector's reach
+    assert client.client_config() == ClientConfig(client_id="dev-1", gc_freeze=True)
     assert client.exec is None
 
 
