@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -194,6 +195,13 @@ class Waiter:
         self.seq = seq  # the message's number on its link: a result credits up to it
 
 
+def check_timeout(timeout: float | None) -> None:
+    """A per-call result timeout: None (the configured one) or seconds > 0.  A NaN would
+    otherwise sit at the top of the pending table's deadline heap and stop every expiry."""
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+
+
 class PendingOwner:
     """Mixin for Server and Client: the pending-result table and its single timer."""
 
@@ -237,6 +245,7 @@ class PendingOwner:
         ``wait_ack``, the future of the peer's result.  A refusal is raised at once and
         reported as ``send.rejected``.  Not a coroutine: ``send_to`` and ``send`` await
         only the result, so a one-way send costs one coroutine, not two."""
+        check_timeout(timeout)
         msg_id: bytes | None = None
         try:
             if link is None or link.closed:
@@ -550,12 +559,14 @@ class Link:
         if wait_ack:
             fut = self._loop.create_future()
             owner = self.owner
+            seq = self.messages_sent + 1
             entry = owner.pending.add(
                 self.session_id,
                 msg_id,
                 timeout,
                 self._loop.time(),
-                Waiter(fut, self.client_id, self.messages_sent + 1),
+                Waiter(fut, self.client_id, seq),
+                order=seq,
             )
             owner._arm_pending_timer(entry.deadline)
         self._queue(frame)
@@ -677,7 +688,12 @@ class Link:
             value = decode_payload(df.flags, df.body)
         entry = owner.pending.resolve(self.session_id, df.msg_id)
         if entry is None:
-            if owner.pending.was_recently_expired(self.session_id, df.msg_id):
+            late = owner.pending.late(self.session_id, df.msg_id)
+            if late is not None:
+                # too late for its sender, but the peer has handled everything up to it:
+                # it counts against the handler window (the peer sends no CREDIT for it)
+                if late > self.peer_processed:
+                    self.peer_processed = late
                 if signals.wants(signals.on_ack_late):
                     signals.emit(
                         signals.on_ack_late,

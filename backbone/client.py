@@ -729,7 +729,12 @@ class Client(HandlerOwner, PendingOwner):
         """Send to the server.  Without ``wait_ack`` returns the MsgID; with it, the server
         handler's result (or ``AckTimeout`` / ``ServerGone`` / ``RemoteError``)."""
         conn = self._conn
-        link = conn.link if conn is not None and self._state is ClientState.CONNECTED else None
+        link = None
+        # a connection that just ended is not connected, although _run has not yet moved
+        # the state on: a message queued on it would be lost without a word
+        connected = self._state is ClientState.CONNECTED
+        if conn is not None and connected and not conn.terminated_reported:
+            link = conn.link
         msg_id, fut = self._queue_message(link, self.client_id, payload, wait_ack, timeout, headers)
         if fut is None:
             return msg_id.hex()

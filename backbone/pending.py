@@ -8,6 +8,7 @@ once: by :meth:`resolve`, :meth:`expire` or :meth:`drop_peer`.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -26,6 +27,8 @@ class PendingEntry(Generic[T]):
     timeout: float
     token: T
     done: bool = field(default=False)
+    #: the message's number in its peer's order (a late result still counts up to it)
+    order: int = 0
 
 
 class PendingTable(Generic[T]):
@@ -36,10 +39,10 @@ class PendingTable(Generic[T]):
         self._heap: list[tuple[float, int, PendingEntry[T]]] = []
         self._seq = 0
         self._total = 0
-        # MsgIDs that expired recently, per peer: a late result for one of them is
-        # expected (not a protocol violation) and is dropped quietly.
+        # MsgIDs that expired recently, per peer, with their order: a late result for
+        # one of them is expected (not a protocol violation) and is dropped quietly.
         self._recent_limit = recent_expired
-        self._recent: dict[str, OrderedDict[bytes, None]] = {}
+        self._recent: dict[str, OrderedDict[bytes, int]] = {}
 
     def __len__(self) -> int:
         return self._total
@@ -56,13 +59,15 @@ class PendingTable(Generic[T]):
             raise TooManyPending(f"per-peer for {peer!r}", self.max_per_peer)
 
     def add(
-        self, peer: str, msg_id: bytes, timeout: float, now: float, token: T
+        self, peer: str, msg_id: bytes, timeout: float, now: float, token: T, order: int = 0
     ) -> PendingEntry[T]:
+        if not 0 < timeout < math.inf:  # NaN too: a NaN deadline would stop every expiry
+            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
         self.check_capacity(peer)
         entries = self._by_peer.setdefault(peer, {})
         if msg_id in entries:
             raise ValueError(f"message {msg_id.hex()} is already pending for {peer!r}")
-        entry = PendingEntry(peer, msg_id, now + timeout, now, timeout, token)
+        entry = PendingEntry(peer, msg_id, now + timeout, now, timeout, token, order=order)
         entries[msg_id] = entry
         self._total += 1
         self._seq += 1
@@ -92,18 +97,23 @@ class PendingTable(Generic[T]):
         comes as late rather than unknown."""
         entry = self.resolve(peer, msg_id)
         if entry is not None:
-            self._remember(peer, msg_id)
+            self._remember(entry)
         return entry
 
-    def _remember(self, peer: str, msg_id: bytes) -> None:
-        recent = self._recent.setdefault(peer, OrderedDict())
-        recent[msg_id] = None
+    def _remember(self, entry: PendingEntry[T]) -> None:
+        recent = self._recent.setdefault(entry.peer, OrderedDict())
+        recent[entry.msg_id] = entry.order
         if len(recent) > self._recent_limit:
             recent.popitem(last=False)
 
-    def was_recently_expired(self, peer: str, msg_id: bytes) -> bool:
+    def late(self, peer: str, msg_id: bytes) -> int | None:
+        """The order of a message whose entry expired or was abandoned recently (a
+        result for it is late, not unknown), else None."""
         recent = self._recent.get(peer)
-        return recent is not None and msg_id in recent
+        return None if recent is None else recent.get(msg_id)
+
+    def was_recently_expired(self, peer: str, msg_id: bytes) -> bool:
+        return self.late(peer, msg_id) is not None
 
     def expire(self, now: float) -> list[PendingEntry[T]]:
         """Remove and return every entry whose deadline is ``<= now``."""
@@ -114,7 +124,7 @@ class PendingTable(Generic[T]):
             if entry.done:
                 continue
             self._remove(entry)
-            self._remember(entry.peer, entry.msg_id)
+            self._remember(entry)
             out.append(entry)
         self._compact()
         return out

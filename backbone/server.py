@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, report_violation
+from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, check_timeout, report_violation
 from ._quic import (
     QuicEndpoint,
     Refusal,
@@ -754,6 +754,7 @@ class Server(HandlerOwner, PendingOwner):
         event-loop passes (a few ms of them per pass, :class:`~backbone._link.Flusher`)
         so that the server keeps reading its socket, the recipients' answers included.
         Without ``wait_ack`` it returns once every copy has been handed to QUIC."""
+        check_timeout(timeout)
         flags, body = encode_payload(payload)
         if wait_ack:
             flags |= FLAG_WAIT_ACK

@@ -172,6 +172,51 @@ async def test_a_slow_handler_pushes_back_on_the_sender(make_server, make_client
         assert not events.of("protocol.violated")
 
 
+async def test_late_results_give_the_handler_window_back(make_server, make_client, events):
+    """Results that arrive after their sends timed out still say that the peer handled
+    those messages: the window they took is given back.  (It was not: a peer whose
+    handler outlasted ack_timeout four times stayed at its window of 4, and every later
+    send was refused with Backpressure until a reconnect.)"""
+    from backbone import AckTimeout
+
+    async with make_server() as server:
+        client = make_client("late-window", server.port, max_inbound_queue=4)
+        gate = asyncio.Event()
+
+        @client.handler
+        async def handle(msg: Message) -> Any:
+            await gate.wait()
+            return {"got": msg.payload}
+
+        async with running(client):
+            sends = [server.send_to("late-window", i, wait_ack=True, timeout=0.1) for i in range(4)]
+            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+            assert all(isinstance(o, AckTimeout) for o in outcomes), outcomes
+            gate.set()  # the handler finishes all four: four late results
+            await events.wait_count("ack.late", 4, client_id="late-window")
+            assert await server.send_to("late-window", 5, wait_ack=True, timeout=5) == {"got": 5}
+        assert not events.of("send.rejected", client_id="late-window")
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0.0, -1.0, float("inf")])
+async def test_a_timeout_that_is_not_seconds_above_zero_is_refused(
+    make_server, make_client, timeout
+):
+    async with make_server() as server:
+        client = make_client("bad-timeout", server.port)
+        client.handler(lambda m: m.payload)
+        async with running(client):
+            with pytest.raises(ValueError, match="timeout must be"):
+                await server.send_to("bad-timeout", 1, wait_ack=True, timeout=timeout)
+            with pytest.raises(ValueError, match="timeout must be"):
+                await server.broadcast(1, wait_ack=True, timeout=timeout)
+            with pytest.raises(ValueError, match="timeout must be"):
+                await client.send(1, wait_ack=True, timeout=timeout)
+            # nothing was left behind: a normal WaitAck still times out and answers
+            assert await server.send_to("bad-timeout", 2, wait_ack=True, timeout=5) == 2
+            assert len(server.pending) == 0
+
+
 async def test_wrong_host_name_is_a_tls_failure(make_server, make_client, events):
     async with make_server() as server:
         client = make_client("dev-1", server.port, server_name="not-the-server.example")
@@ -381,3 +426,19 @@ async def test_a_client_reads_its_socket_before_it_declares_the_server_dead(
             await events.wait("heartbeat.acknowledged", role="client")
             assert client.connected
             assert not events.of("disconnected", client_id="lagging")
+
+
+async def test_a_send_in_the_pass_the_connection_ended_is_refused(make_server, make_client):
+    """Between a connection's end and the client's state change (the next loop pass) a
+    send must not be queued on the dead connection and reported as sent."""
+    from backbone import NotConnected
+
+    async with make_server() as server:
+        client = make_client("ended", server.port)
+        async with running(client):
+            conn = client._conn
+            assert conn is not None
+            conn.terminated_reported = True  # what the end of the connection sets first
+            with pytest.raises(NotConnected):
+                await client.send("lost?")
+            conn.terminated_reported = False

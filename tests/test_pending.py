@@ -104,3 +104,23 @@ def test_table_is_empty_after_10000_mixed_outcomes():
     assert len(resolved) == 10_000
     assert all(v > 0 for v in outcomes.values()), outcomes
     assert t.snapshot()["heap"] == 0
+
+
+def test_a_late_result_still_knows_its_message_order():
+    t = PendingTable[int](10, 100)
+    t.add("a", b"1" * 16, timeout=1.0, now=0.0, token=1, order=7)
+    t.add("a", b"2" * 16, timeout=9.0, now=0.0, token=2, order=8)
+    assert t.late("a", b"1" * 16) is None  # still pending, not late
+    t.expire(1.0)
+    assert t.late("a", b"1" * 16) == 7
+    assert t.abandon("a", b"2" * 16) is not None
+    assert t.late("a", b"2" * 16) == 8
+    assert t.late("a", b"3" * 16) is None and t.late("b", b"1" * 16) is None
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), 0.0, -1.0, float("inf")])
+def test_a_deadline_must_be_a_time_to_come(timeout: float):
+    t = PendingTable[int](10, 100)
+    with pytest.raises(ValueError, match="timeout"):
+        t.add("a", b"1" * 16, timeout=timeout, now=0.0, token=1)
+    assert len(t) == 0 and t.next_deadline() is None
