@@ -401,6 +401,36 @@ def report_violation(
     endpoint.shut(pv.code.reason_name, pv.code, pv.reason)
 
 
+def report_dropped(peer: str, unhandled: int, unsent: int) -> None:
+    """The log line for what a connection's end dropped (the ``disconnected`` event
+    carries the same counts)."""
+    if unhandled or unsent:
+        log.warning(
+            "connection to %s ended with %d received message(s) not yet handled and %d "
+            "frame(s) not yet sent: dropped (WaitAck senders get a failed result)",
+            peer,
+            unhandled,
+            unsent,
+        )
+
+
+def internal_error(stream_id: int, exc: Exception) -> ProtocolViolation:
+    """The close reason for an exception no check foresaw while handling a peer's data."""
+    return ProtocolViolation(
+        ErrorCode.INTERNAL_ERROR,
+        f"internal error handling stream {stream_id}: {type(exc).__name__}: {exc}",
+    )
+
+
+def stop_sending_violation(stream_id: int, error_code: int) -> ProtocolViolation:
+    """STOP_SENDING on one of backbone's streams, which stay open for the connection's
+    life: nothing more could be written there (aioquic resets our side of it)."""
+    return ProtocolViolation(
+        ErrorCode.PROTOCOL_ERROR,
+        f"peer sent STOP_SENDING (code {error_code}) on stream {stream_id}, which must stay open",
+    )
+
+
 class LinkOwner(Protocol):
     @property
     def role(self) -> Role: ...
@@ -501,6 +531,7 @@ class Link:
         self._flusher = owner.flusher()
         self._flush_queued = False
         self._inbox: deque[Message] = deque()
+        self._in_handler = False  # the worker is in the handler with a message
         self._wakeup: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = self._loop.create_task(
             self._work(), name=f"backbone-handler-{client_id}"
@@ -620,9 +651,14 @@ class Link:
         if self.closed or not outbox:
             return
         data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
+        try:
+            self.endpoint.write_now(MSG_STREAM, data)
+        except Exception as exc:  # the stream cannot take it: this connection is done
+            log.exception("writing to %r failed", self.client_id)
+            report_violation(self.owner, self.endpoint, self.client_id, internal_error(0, exc))
+            return  # the frames stay in the outbox, counted as unsent at shutdown
         outbox.clear()
         self._outbox_bytes = 0
-        self.endpoint.write_now(MSG_STREAM, data)
         self._unacked_bound = self.endpoint.unacked_bytes(MSG_STREAM)
 
     # --- incoming ---------------------------------------------------------------------
@@ -773,6 +809,7 @@ class Link:
             if handler is None:
                 error = ("NoHandler", f"no handler is registered on {self.role} {self.client_id!r}")
             else:
+                self._in_handler = True
                 try:
                     if owner._handler_is_async:
                         result = await handler(msg)
@@ -799,6 +836,7 @@ class Link:
                             self.client_id,
                             exc_info=True,
                         )
+            self._in_handler = False
             try:
                 self._handled(msg, result, error, started_wall, time.perf_counter() - started)
             except Exception:  # never let one message kill the handler worker
@@ -873,19 +911,24 @@ class Link:
             )
 
     # --- teardown -----------------------------------------------------------------------
-    def shutdown(self) -> int:
-        """Stop the handler worker and drop queued input; returns how many messages were
-        still waiting for the handler (their senders learn of it as a failed result)."""
+    def shutdown(self) -> tuple[int, int]:
+        """Stop the handler worker and drop what is queued either way; returns how many
+        received messages were still waiting for the handler, and how many frames were
+        still waiting to be handed to QUIC.  The owner reports both (a log line and the
+        ``disconnected`` event): a WaitAck sender of either kind learns of it as a failed
+        result, a one-way message is lost with the connection."""
         if self.closed:
-            return 0
+            return 0, 0
         self.closed = True
         if self._worker is not None:
             self._worker.cancel()
-        dropped = len(self._inbox)
+        # the message in the handler, whose answer can no longer be sent, counts too
+        unhandled = len(self._inbox) + self._in_handler
+        unsent = len(self._outbox)
         self._inbox.clear()
         self._outbox.clear()
         self._outbox_bytes = 0
-        return dropped
+        return unhandled, unsent
 
     def release(self) -> None:
         """The connection is gone for good (after :meth:`shutdown`): let go of the handler

@@ -87,6 +87,7 @@ from aioquic.quic.events import (
     HandshakeCompleted,
     PingAcknowledged,
     QuicEvent,
+    StopSendingReceived,
     StreamDataReceived,
     StreamReset,
 )
@@ -105,6 +106,7 @@ from aioquic.tls import Epoch, Group
 from cryptography.hazmat.primitives import serialization
 
 from .admission import RecentRefusals
+from .errors import ErrorCode
 from .frames import ALPN
 from .reset import is_stateless_reset
 
@@ -223,6 +225,16 @@ class QuicEndpoint(QuicConnectionProtocol):
     def ping_acknowledged(self, uid: int) -> None:
         """The peer acknowledged the packet that carried :meth:`request_ack` ``uid``."""
 
+    def stop_sending_received(self, stream_id: int, error_code: int) -> None:
+        """The peer sent STOP_SENDING for ``stream_id``: aioquic reset our sending side, so
+        nothing more can be written there.  Backbone's streams stay open for the
+        connection's life: subclasses close the connection as a protocol violation."""
+        self.shut(
+            "protocol_violation",
+            ErrorCode.PROTOCOL_ERROR,
+            f"peer sent STOP_SENDING on stream {stream_id}, which must stay open",
+        )
+
     def read_waiting(self) -> bool:
         """Read, now, what waits in this connection's own socket (a client's), before a
         verdict that depends on what the peer sent: an event loop that fell behind may
@@ -278,6 +290,10 @@ class QuicEndpoint(QuicConnectionProtocol):
         elif isinstance(event, PingAcknowledged):
             if not self.terminated_reported:
                 self.ping_acknowledged(event.uid)
+        elif isinstance(event, StopSendingReceived):
+            # aioquic has reset our side of the stream: every later write would raise
+            if not self.terminated_reported:
+                self.stop_sending_received(event.stream_id, event.error_code)
         elif isinstance(event, StreamReset):
             if not self.terminated_reported:
                 self.stream_data(event.stream_id, b"", True)
@@ -714,7 +730,10 @@ class SocketReader:
                     self.dropped += 1
                     continue
                 self.waited = waited
-                protocol.datagram_received(data, addr)
+                try:
+                    protocol.datagram_received(data, addr)
+                except Exception:  # one connection's failure must not end everyone's batch
+                    log.exception("handling a datagram from %s failed", format_address(addr))
                 if transport.is_closing() or time.time() > stop_at:
                     break
         finally:

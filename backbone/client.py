@@ -12,7 +12,16 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import signals
-from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, report_violation
+from ._link import (
+    HandlerOwner,
+    Link,
+    LinkHolder,
+    PendingOwner,
+    internal_error,
+    report_dropped,
+    report_violation,
+    stop_sending_violation,
+)
 from ._quic import (
     CONNECTION_REFUSED,
     CRYPTO_ERROR_BASE,
@@ -206,6 +215,16 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
                         )
         except ProtocolViolation as pv:
             report_violation(self.client, self, self.client.client_id, pv)
+        except Exception as exc:  # a bug, or input no check foresaw: close, reconnect
+            log.exception("handling stream %d data from the server failed", stream_id)
+            report_violation(
+                self.client, self, self.client.client_id, internal_error(stream_id, exc)
+            )
+
+    def stop_sending_received(self, stream_id: int, error_code: int) -> None:
+        report_violation(
+            self.client, self, self.client.client_id, stop_sending_violation(stream_id, error_code)
+        )
 
     def terminated(self, error_code: int, reason: str, by_peer: bool) -> None:
         if self._hb_timer is not None:
@@ -667,7 +686,7 @@ class Client(HandlerOwner, PendingOwner):
     def _connection_ended(self, conn: _ClientConnection, reason: str, up_for: float) -> None:
         link = conn.link
         assert link is not None
-        link.shutdown()
+        unhandled, unsent = link.shutdown()
         self._fail_entries(
             self.pending.drop_peer(link.session_id),
             lambda msg_id, peer: ServerGone(msg_id, "server", reason),
@@ -675,6 +694,7 @@ class Client(HandlerOwner, PendingOwner):
         )
         close_transport(conn)
         log.info("client %r disconnected: %s", self.client_id, reason)
+        report_dropped("the server", unhandled, unsent)
         if signals.wants(signals.on_disconnected):
             signals.emit(
                 signals.on_disconnected,
@@ -687,6 +707,8 @@ class Client(HandlerOwner, PendingOwner):
                     code=conn.close_code,
                     detail=conn.close_reason,
                     duration=up_for,
+                    unhandled=unhandled,
+                    unsent=unsent,
                 ),
             )
 

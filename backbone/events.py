@@ -181,6 +181,8 @@ class Disconnected(Event):
     code: int | None = None
     detail: str = ""
     duration: float = 0.0  # how long the session was open, seconds
+    unhandled: int = 0  # received messages dropped before the handler got to them
+    unsent: int = 0  # frames queued here that never reached QUIC, dropped
 
 
 class HeartbeatTimedOut(Event):

@@ -11,7 +11,17 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import propagation, signals
-from ._link import HandlerOwner, Link, LinkHolder, PendingOwner, check_timeout, report_violation
+from ._link import (
+    HandlerOwner,
+    Link,
+    LinkHolder,
+    PendingOwner,
+    check_timeout,
+    internal_error,
+    report_dropped,
+    report_violation,
+    stop_sending_violation,
+)
 from ._quic import (
     QuicEndpoint,
     Refusal,
@@ -187,6 +197,10 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
         except ProtocolViolation as pv:
             self.violation(pv)
             return
+        except Exception as exc:  # a bug, or input no check foresaw: close this one only
+            log.exception("handling stream %d data of %s failed", stream_id, self.peer_address())
+            self.violation(internal_error(stream_id, exc))
+            return
         if stream_id == HEARTBEAT_STREAM and items:  # PINGs
             # the PING's ACK goes with this read batch's transmit, not 1 ms later: with
             # the PONG (one datagram back instead of two), or alone as the answer a
@@ -205,6 +219,9 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
 
     def violation(self, pv: ProtocolViolation) -> None:
         report_violation(self.server, self, self.link.client_id if self.link else None, pv)
+
+    def stop_sending_received(self, stream_id: int, error_code: int) -> None:
+        self.violation(stop_sending_violation(stream_id, error_code))
 
     # --- teardown ----------------------------------------------------------------------------
 
@@ -689,7 +706,7 @@ class Server(HandlerOwner, PendingOwner):
         link = conn.link
         if link is None:
             return
-        link.shutdown()
+        unhandled, unsent = link.shutdown()
         if self._sessions.get(link.client_id) is conn:
             del self._sessions[link.client_id]
         self._fail_entries(
@@ -698,6 +715,7 @@ class Server(HandlerOwner, PendingOwner):
             reason,
         )
         log.info("client %r disconnected: %s", link.client_id, reason)
+        report_dropped(link.client_id, unhandled, unsent)
         if signals.wants(signals.on_disconnected):
             signals.emit(
                 signals.on_disconnected,
@@ -710,6 +728,8 @@ class Server(HandlerOwner, PendingOwner):
                     code=code,
                     detail=detail,
                     duration=self._loop.time() - link.opened_at,
+                    unhandled=unhandled,
+                    unsent=unsent,
                 ),
             )
         conn.release_link()

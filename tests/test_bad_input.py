@@ -43,8 +43,12 @@ def hello(client_id: Any = "raw", version: int = 1) -> bytes:
 
 
 MID = b"\x07" * 16
+#: a step that sends STOP_SENDING for its stream instead of writing
+STOP = None
+#: a step (on this stream number) that waits for the server's answer (WELCOME, PONG)
+WAIT = -1
 
-CASES: list[tuple[str, list[tuple[int, bytes]], ErrorCode]] = [
+CASES: list[tuple[str, list[tuple[int, bytes | None]], ErrorCode]] = [
     ("garbage", [(0, b"\x00\x00\x00\x09garbage!!")], ErrorCode.PROTOCOL_ERROR),
     (
         "length 4 GiB",
@@ -85,6 +89,15 @@ CASES: list[tuple[str, list[tuple[int, bytes]], ErrorCode]] = [
         [(0, hello()), (0, encode_data_frame(FrameType.MESSAGE, 0, MID, b"{oops"))],
         ErrorCode.PROTOCOL_ERROR,
     ),
+    # STOP_SENDING: aioquic resets our side of the stream, and every write there raises
+    ("stop sending stream 0", [(0, hello()), (WAIT, b""), (0, STOP)], ErrorCode.PROTOCOL_ERROR),
+    # in the HELLO's own packet (it was left open, unlisted, without a link, for ever)
+    ("stop sending with the hello", [(0, hello()), (0, STOP)], ErrorCode.PROTOCOL_ERROR),
+    (
+        "stop sending stream 4, pongs asked for",
+        [(0, hello()), (WAIT, b""), (4, encode_ping(1)), (4, STOP)],
+        ErrorCode.PROTOCOL_ERROR,
+    ),
 ]
 
 
@@ -103,7 +116,13 @@ async def test_bad_peer_is_closed_with_its_code(
             assert isinstance(peer, RawPeer)
             try:
                 for stream_id, data in sends:
-                    peer.write(stream_id, data)
+                    if stream_id == WAIT:
+                        await asyncio.wait_for(peer.data_arrived.wait(), 5)
+                    elif data is STOP:
+                        peer._quic.stop_stream(stream_id, 99)
+                        peer.transmit()
+                    else:
+                        peer.write(stream_id, data)
                 got_code, reason = await asyncio.wait_for(peer.closed_code, 5)
                 assert got_code == code, reason
                 ev = await events.wait("protocol.violated", role="server")

@@ -442,3 +442,34 @@ async def test_a_send_in_the_pass_the_connection_ended_is_refused(make_server, m
             with pytest.raises(NotConnected):
                 await client.send("lost?")
             conn.terminated_reported = False
+
+
+async def test_what_a_connection_end_drops_is_counted_in_its_event(
+    make_server, make_client, events
+):
+    """Received messages still waiting for the handler, and frames never handed to QUIC,
+    are dropped with the connection: counted in ``disconnected`` and logged, not lost
+    without a word."""
+    async with make_server() as server:
+        gate = asyncio.Event()
+
+        @server.handler
+        async def stuck(msg: Message) -> None:
+            await gate.wait()
+
+        client = make_client("dropper", server.port)
+        async with running(client):
+            for i in range(10):
+                await client.send(i)
+            await events.wait_count("message.received", 10, role="server", client_id="dropper")
+        ended = await events.wait("disconnected", role="server", client_id="dropper")
+        assert ended.unhandled == 10  # one in the handler, nine behind it
+        assert ended.unsent == 0
+        gate.set()
+
+        quiet = make_client("unsent", server.port)
+        async with running(quiet):
+            await server.send_to("unsent", "queued, not yet written")  # returns once queued
+            assert server.evict("unsent")  # in the same loop pass: never handed to QUIC
+            ended = await events.wait("disconnected", role="server", client_id="unsent")
+        assert (ended.unhandled, ended.unsent) == (0, 1)
