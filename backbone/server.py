@@ -514,16 +514,87 @@ class Server(HandlerOwner, PendingOwner):
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop: refuse new sessions, tell clients to go away, give pending results up to
-        ``grace`` seconds (default ``close_grace``), then close every connection."""
+        ``grace`` seconds (default ``close_grace``), then close every connection.
+
+        If the wait is cancelled (an outer timeout, Ctrl-C), the rest still happens
+        before the cancellation goes on: pending results fail with ``ClientGone``
+        ("server closing"), every connection is closed, the socket released."""
         if self._closing or self._quic_server is None:
             return
         self._closing = True
         try:
-            await self._close_everything(grace)
+            await self._say_goodbye(grace)
         finally:
-            # even when the above was cancelled or failed: stop() is not run twice
-            if self._freezer is not None:
-                self._freezer.stop()
+            # even when the above was cancelled or failed: stop() is not run twice, so
+            # what it promises happens now
+            try:
+                self._close_now()
+            finally:
+                if self._freezer is not None:
+                    self._freezer.stop()
+                self._stopped()
+        # the socket is closed on the next loop pass: let it go, so the port is free again
+        # when stop() returns
+        await asyncio.sleep(0)
+
+    async def _say_goodbye(self, grace: float | None) -> None:
+        """GOAWAY to every client, then up to ``grace`` seconds for pending results."""
+        grace = self.config.close_grace if grace is None else grace
+        retry_after, window = self.config.drain_retry_after, self.config.drain_window
+        goaway = encode_json_frame(
+            FrameType.GOAWAY,
+            {"reason": "server shutting down", "retry_after": retry_after, "window": window},
+        )
+        want = signals.wants(signals.on_goaway)
+        for conn in list(self._sessions.values()):
+            link = conn.link
+            if link is None or link.closed:
+                continue
+            try:
+                link.send_control(goaway)
+            except Exception:  # one connection's failure must not keep the others' GOAWAY
+                log.exception("sending GOAWAY to %r failed", link.client_id)
+                continue
+            if want:
+                signals.emit(
+                    signals.on_goaway,
+                    self,
+                    GoAwaySent(
+                        role="server",
+                        client_id=link.client_id,
+                        reason="server shutting down",
+                        retry_after=retry_after,
+                        window=window,
+                    ),
+                )
+        waiting = [
+            entry.token.future
+            for peer in list(self.pending._by_peer.values())
+            for entry in peer.values()
+        ]
+        if waiting and grace > 0:
+            await asyncio.wait(waiting, timeout=grace)
+
+    def _close_now(self) -> None:
+        """Fail what is still pending, close every connection, release the socket."""
+        self._fail_entries(
+            self.pending.drop_all(),
+            lambda msg_id, cid: ClientGone(msg_id, cid, "server closing"),
+            "server_closing",
+        )
+        quic_server = self._quic_server
+        if quic_server is not None:
+            for proto in server_connections(quic_server):
+                if isinstance(proto, _ServerConnection) and not proto.terminated_reported:
+                    proto.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
+            quic_server.close()
+            self._quic_server = None
+        if self._pending_timer is not None:
+            self._pending_timer.cancel()
+        if self._sampler is not None:
+            self._sampler.cancel()
+
+    def _stopped(self) -> None:
         log.info("stopped")
         if signals.wants(signals.on_server_stopped):
             signals.emit(
@@ -536,56 +607,6 @@ class Server(HandlerOwner, PendingOwner):
         signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
         for plugin in reversed(self.plugins):
             uninstall_plugin(plugin, self)
-
-    async def _close_everything(self, grace: float | None) -> None:
-        """:meth:`stop`'s work: GOAWAY to every client, the grace for pending results,
-        then every connection closed and the socket released."""
-        grace = self.config.close_grace if grace is None else grace
-        retry_after, window = self.config.drain_retry_after, self.config.drain_window
-        goaway = encode_json_frame(
-            FrameType.GOAWAY,
-            {"reason": "server shutting down", "retry_after": retry_after, "window": window},
-        )
-        want = signals.wants(signals.on_goaway)
-        for conn in list(self._sessions.values()):
-            if conn.link is not None and not conn.link.closed:
-                conn.link.send_control(goaway)
-                if want:
-                    signals.emit(
-                        signals.on_goaway,
-                        self,
-                        GoAwaySent(
-                            role="server",
-                            client_id=conn.link.client_id,
-                            reason="server shutting down",
-                            retry_after=retry_after,
-                            window=window,
-                        ),
-                    )
-        waiting = [
-            entry.token.future
-            for peer in list(self.pending._by_peer.values())
-            for entry in peer.values()
-        ]
-        if waiting and grace > 0:
-            await asyncio.wait(waiting, timeout=grace)
-        self._fail_entries(
-            self.pending.drop_all(),
-            lambda msg_id, cid: ClientGone(msg_id, cid, "server closing"),
-            "server_closing",
-        )
-        for proto in server_connections(self._quic_server):
-            if isinstance(proto, _ServerConnection) and not proto.terminated_reported:
-                proto.shut("server_closing", ErrorCode.GOING_AWAY, "server shutting down")
-        self._quic_server.close()
-        self._quic_server = None
-        # the socket is closed on the next loop pass: let it go, so the port is free again
-        # when stop() returns
-        await asyncio.sleep(0)
-        if self._pending_timer is not None:
-            self._pending_timer.cancel()
-        if self._sampler is not None:
-            self._sampler.cancel()
 
     async def __aenter__(self) -> Server:
         await self.start()

@@ -354,3 +354,30 @@ async def test_server_stop_fails_pending_and_clients_reconnect_to_new_server(
             ) as again:
                 await client.wait_connected(10)
                 assert await again.send_to("dev-1", "hi", wait_ack=True) == "ok"
+
+
+async def test_a_cancelled_stop_still_closes_everything(make_server, make_client, events):
+    """stop() cancelled while it waits out the grace (an outer timeout, Ctrl-C): pending
+    results still fail with "server closing", the connections are closed and the socket
+    released.  (It left the server half-stopped, and stop() would not run again.)"""
+    async with make_server() as server:
+        client = make_client("dev-1", server.port)
+        block = asyncio.Event()
+
+        @client.handler
+        async def h(msg: Message) -> str:
+            await block.wait()
+            return "ok"
+
+        async with running(client):
+            pending = asyncio.ensure_future(server.send_to("dev-1", "block", wait_ack=True))
+            await events.wait("message.received", role="client")
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(server.stop(grace=30), 0.2)
+            with pytest.raises(ClientGone, match="server closing"):
+                await pending
+            assert server._quic_server is None and len(server.pending) == 0
+            await events.wait("disconnected", role="server", client_id="dev-1")
+            await events.wait("disconnected", role="client", client_id="dev-1")
+            assert events.of("server.stopped")
+            block.set()
