@@ -47,6 +47,8 @@ from .errors import (
     ClientGone,
     ClientNotConnected,
     ConfigError,
+    InvalidHeaders,
+    InvalidPayload,
     NotConnected,
     PayloadTooLarge,
     PeerGone,
@@ -84,6 +86,8 @@ ERROR_STATUS: Final[tuple[tuple[type[BackboneError], int, str], ...]] = (
     (Backpressure, 429, "backpressure"),
     (TooManyPending, 503, "too_many_pending"),
     (PayloadTooLarge, 413, "payload_too_large"),
+    (InvalidHeaders, 422, "invalid_headers"),
+    (InvalidPayload, 422, "invalid_payload"),
     (BackboneError, 500, "backbone_error"),
 )
 
@@ -100,6 +104,16 @@ def _default(obj: Any) -> Any:
 def dumps(data: Any) -> bytes:
     """JSON as the API writes it: raw bytes become ``{"$base64": "..."}``."""
     return orjson.dumps(data, default=_default, option=orjson.OPT_NON_STR_KEYS)
+
+
+def result_problem(result: Any) -> str | None:
+    """Why a client's result cannot be written in a response, or None if it can (a
+    client may answer with JSON nested deeper than orjson writes: 254 levels)."""
+    try:
+        dumps(result)
+    except TypeError as exc:
+        return f"the client's result cannot be written as JSON: {exc}"
+    return None
 
 
 def json_response(
@@ -586,6 +600,9 @@ async def send_message(request: web.Request) -> web.Response:
             result = await server.send_to(
                 client_id, body.data(), wait_ack=True, timeout=body.timeout, headers=body.headers
             )
+            problem = result_problem(result)
+            if problem is not None:
+                raise ApiError(502, "result_not_json", problem)
             return json_response({"client_id": client_id, "wait_ack": True, "result": result})
         msg_id = await server.send_to(client_id, body.data(), headers=body.headers)
     except BackboneError as exc:
@@ -604,14 +621,19 @@ async def broadcast(request: web.Request) -> web.Response:
     except BackboneError as exc:  # e.g. a payload no client could take
         raise api_error(exc) from None
     outcomes: dict[str, Any] = {}
+    failed = 0
     for cid, outcome in sorted(report.outcomes.items()):
-        if outcome.error is None:
-            outcomes[cid] = (
-                {"ok": True, "result": outcome.result} if body.wait_ack else {"ok": True}
-            )
-        else:
+        if outcome.error is not None:
             outcomes[cid] = {"ok": False, "error": error_object(outcome.error)}
-    failed = len(report.errors)
+            failed += 1
+        elif not body.wait_ack:
+            outcomes[cid] = {"ok": True}
+        elif (problem := result_problem(outcome.result)) is not None:
+            # one client's odd answer must not cost everyone else's outcome
+            outcomes[cid] = {"ok": False, "error": {"code": "result_not_json", "message": problem}}
+            failed += 1
+        else:
+            outcomes[cid] = {"ok": True, "result": outcome.result}
     return json_response(
         {
             "msg_id": report.msg_id,

@@ -134,11 +134,18 @@ def reject_reason(exc: BackboneError) -> str:
         return "too_many_pending"
     if isinstance(exc, InvalidHeaders):
         return "invalid_headers"
+    if isinstance(exc, InvalidPayload):
+        return "invalid_payload"
     return "error"
 
 
 class InvalidHeaders(BackboneError, ValueError):
     """Message headers that cannot be sent (not strings, or over 8 KiB encoded)."""
+
+
+class InvalidPayload(BackboneError, TypeError):
+    """A payload that cannot be encoded: not serializable by orjson (an object of an
+    unknown type, a non-string key), or nested deeper than it writes (254 levels)."""
 
 
 class ConfigError(BackboneError, ValueError):

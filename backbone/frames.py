@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from .errors import ErrorCode, InvalidHeaders, ProtocolViolation
+from .errors import ErrorCode, InvalidHeaders, InvalidPayload, ProtocolViolation
 
 PROTOCOL_VERSION = 1
 ALPN = "backbone/1"
@@ -101,12 +101,16 @@ def encode_credit(processed: int) -> bytes:
 
 
 def encode_payload(payload: Any) -> tuple[int, bytes]:
-    """Return ``(flags, body)`` for an application value: bytes pass through raw."""
+    """Return ``(flags, body)`` for an application value: bytes pass through raw.
+    :class:`InvalidPayload` (a ``TypeError``) for a value orjson cannot write."""
     if type(payload) is bytes:
         return FLAG_RAW, payload
     if isinstance(payload, (bytearray, memoryview)):
         return FLAG_RAW, bytes(payload)
-    return 0, orjson.dumps(payload)
+    try:
+        return 0, orjson.dumps(payload)
+    except orjson.JSONEncodeError as exc:
+        raise InvalidPayload(f"payload cannot be encoded as JSON: {exc}") from None
 
 
 def decode_payload(flags: int, body: bytes) -> Any:

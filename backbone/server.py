@@ -41,6 +41,7 @@ from .errors import (
     ClientGone,
     ClientNotConnected,
     ErrorCode,
+    InvalidPayload,
     ProtocolViolation,
 )
 from .events import (
@@ -796,7 +797,11 @@ class Server(HandlerOwner, PendingOwner):
         so that the server keeps reading its socket, the recipients' answers included.
         Without ``wait_ack`` it returns once every copy has been handed to QUIC."""
         check_timeout(timeout)
-        flags, body = encode_payload(payload)
+        try:
+            flags, body = encode_payload(payload)
+        except InvalidPayload as exc:  # refused for every client at once
+            self._rejected("*", exc, None)
+            raise
         if wait_ack:
             flags |= FLAG_WAIT_ACK
         msg_id = self._ids.next()

@@ -25,6 +25,8 @@ from backbone import (
     ClientGone,
     ClientNotConnected,
     ConfigError,
+    InvalidHeaders,
+    InvalidPayload,
     Message,
     PayloadTooLarge,
     RemoteError,
@@ -524,6 +526,8 @@ async def test_payload_too_large_is_413(make_server: Any, make_client: Any) -> N
         (Backpressure("d", 10, 5), 429, "backpressure"),
         (TooManyPending("client", 5), 503, "too_many_pending"),
         (PayloadTooLarge(10, 5), 413, "payload_too_large"),
+        (InvalidHeaders("too long"), 422, "invalid_headers"),
+        (InvalidPayload("too deep"), 422, "invalid_payload"),
     ],
 )
 def test_backbone_errors_map_to_documented_statuses(exc: Any, status: int, code: str) -> None:
@@ -665,3 +669,93 @@ async def test_history_with_the_real_history_plugin(
             assert hist["session"]["acks_ok"] == 1
             hist = await checked(await http.get("/clients/dev-1/history?kind=ack.*&limit=1"))
             assert [e["kind"] for e in hist["events"]] == ["ack.received"]
+
+
+# --- what cannot be sent, or cannot be shown ------------------------------------------------------
+
+DEEP = 300  # JSON nesting orjson reads (up to 1,024) but does not write (over 254)
+
+
+def _deep() -> Any:
+    value: Any = []
+    for _ in range(DEEP - 1):
+        value = [value]
+    return value
+
+
+async def test_headers_or_a_payload_that_cannot_be_sent_are_422_not_500(
+    make_server: Any, make_client: Any, events: Any
+) -> None:
+    async with make_server() as server:
+        client = make_client("dev-1", server.port)
+        client.handler(echo_handler)
+        async with running(client), api(server) as http:
+            for path in ("/clients/dev-1/messages", "/broadcast"):
+                resp = await http.post(path, json={"payload": 1, "headers": {"k": "x" * 9000}})
+                assert resp.status == 422, path
+                assert (await checked(resp))["error"]["code"] == "invalid_headers"
+                resp = await http.post(path, json={"payload": _deep()})
+                assert resp.status == 422, path
+                assert (await checked(resp))["error"]["code"] == "invalid_payload"
+            rejected = events.of("send.rejected", reason="invalid_payload")
+            assert [e.client_id for e in rejected] == ["dev-1", "*"]
+            # the library raises it as a TypeError too, as before
+            with pytest.raises(TypeError, match="cannot be encoded"):
+                await server.send_to("dev-1", _deep())
+            assert await server.send_to("dev-1", 1, wait_ack=True) == {"echo": 1}
+
+
+async def test_a_result_too_deep_to_show_fails_that_client_only(
+    make_server: Any, make_client: Any, certs: Any
+) -> None:
+    """A client may answer with JSON the server reads but cannot write back: that
+    send is a 502, and in a broadcast that client's outcome only, not a 500 for all."""
+    from aioquic.quic.connection import QuicConnection
+
+    from backbone.frames import (
+        FLAG_WAIT_ACK,
+        FrameDecoder,
+        FrameType,
+        encode_data_frame,
+        parse_data_frame,
+    )
+
+    from .test_bad_input import RawPeer, _raw_peer, hello
+
+    class DeepAnswers(RawPeer):
+        def __init__(self, quic: QuicConnection, **kw: Any) -> None:
+            super().__init__(quic)
+            self.decoder = FrameDecoder(1 << 20)
+
+        def stream_data(self, stream_id: int, data: bytes, end_stream: bool) -> None:
+            super().stream_data(stream_id, data, end_stream)
+            if stream_id != 0:
+                return
+            for ftype, body in self.decoder.feed(data):
+                if ftype == FrameType.MESSAGE:
+                    df = parse_data_frame(ftype, body)
+                    if df.flags & FLAG_WAIT_ACK:
+                        deep = b"[" * DEEP + b"]" * DEEP
+                        self.write(0, encode_data_frame(FrameType.RESULT, 0, df.msg_id, deep))
+
+    async with make_server() as server:
+        good = make_client("dev-1", server.port)
+        good.handler(echo_handler)
+        async with running(good), api(server) as http:
+            peer = await _raw_peer(server.port, certs, DeepAnswers)
+            try:
+                peer.write(0, hello("deep"))
+                await asyncio.wait_for(peer.data_arrived.wait(), 5)  # the WELCOME
+                resp = await http.post(
+                    "/clients/deep/messages", json={"payload": 1, "wait_ack": True}
+                )
+                assert resp.status == 502
+                assert (await checked(resp))["error"]["code"] == "result_not_json"
+                resp = await http.post("/broadcast", json={"payload": 2, "wait_ack": True})
+                assert resp.status == 200
+                report = await checked(resp)
+                assert report["outcomes"]["dev-1"] == {"ok": True, "result": {"echo": 2}}
+                assert report["outcomes"]["deep"]["error"]["code"] == "result_not_json"
+                assert (report["ok"], report["failed"]) == (1, 1)
+            finally:
+                peer.close_with(0, "done")

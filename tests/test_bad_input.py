@@ -194,12 +194,12 @@ async def test_goaway_is_sent_on_stop_even_with_nothing_pending(make_server, mak
             assert ev.retry_after <= sched.delay <= ev.retry_after + ev.window
 
 
-async def _raw_peer(port: int, certs: Any) -> RawPeer:
+async def _raw_peer(port: int, certs: Any, kind: type[RawPeer] = RawPeer) -> RawPeer:
     conf = client_configuration(
         server_name="localhost", cafile=str(certs.ca_cert), verify=True, idle_timeout=10.0
     )
-    peer = await open_connection("127.0.0.1", port, conf, RawPeer)
-    assert isinstance(peer, RawPeer)
+    peer = await open_connection("127.0.0.1", port, conf, kind)
+    assert isinstance(peer, kind)
     return peer
 
 
