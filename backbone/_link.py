@@ -401,6 +401,33 @@ def report_violation(
     endpoint.shut(pv.code.reason_name, pv.code, pv.reason)
 
 
+def report_transport_violation(
+    owner: Any, endpoint: QuicEndpoint, client_id: str | None, code: int, reason: str
+) -> None:
+    """aioquic closed the connection because the peer broke QUIC itself: log it and emit
+    ``protocol.violated`` with the QUIC transport code (the close is already under way)."""
+    from ._quic import quic_error_name  # _quic imports aioquic: only when it happens
+
+    peer = endpoint.peer_address()
+    name = quic_error_name(code)
+    logging.getLogger(f"backbone.{owner.role}").warning(
+        "QUIC closed the connection with %s (client %r): %s %s", peer, client_id, name, reason
+    )
+    if signals.wants(signals.on_protocol_error):
+        signals.emit(
+            signals.on_protocol_error,
+            owner,
+            ProtocolViolated(
+                role=owner.role,
+                client_id=client_id,
+                peer=peer,
+                code=code,
+                code_name=name,
+                reason=reason,
+            ),
+        )
+
+
 def report_dropped(peer: str, unhandled: int, unsent: int) -> None:
     """The log line for what a connection's end dropped (the ``disconnected`` event
     carries the same counts)."""
@@ -889,8 +916,18 @@ class Link:
             flags, body = FLAG_ERROR, _error_body(*error)
         headers = propagation.inject(self.owner, "result", msg.msg_id, self.client_id, None)
         frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body, headers)
-        # a result is never refused for backpressure: the peer is waiting for it.  It also
-        # tells the peer that everything up to this message was handled (a credit).
+        # a result is never refused for backpressure: the peer is waiting for it.  But a
+        # peer that sends commands and does not take their results (it grants no QUIC
+        # flow control) would make them pile up here without end: past twice the
+        # outbound limit (sends alone stop at once the limit), it is closed.
+        limit = self.config.outbound_buffer_limit
+        buffered = self.buffered()
+        if buffered + len(frame) > 2 * limit:
+            detail = f"{buffered} bytes of results and messages not taken (limit {limit} × 2)"
+            log.warning("closing %r: %s", self.client_id, detail)
+            self.endpoint.shut("slow_consumer", ErrorCode.SLOW_CONSUMER, detail)
+            return
+        # it also tells the peer that everything up to this message was handled (a credit)
         self.credit_sent = self.processed
         self._queue(frame)
         want = signals.wants(signals.on_ack)

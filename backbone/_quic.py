@@ -329,7 +329,22 @@ class QuicEndpoint(QuicConnectionProtocol):
         close_event = self._quic._close_event
         if close_event is not None and not self.terminated_reported:
             self.close_by_transport = close_event.frame_type is not None
-            self._report_terminated(close_event.error_code, close_event.reason_phrase, True)
+            # a CONNECTION_CLOSE from the peer puts aioquic in DRAINING; its own close (a
+            # frame or limit the peer broke: a transport error) is pending or CLOSING
+            by_peer = not (
+                self._quic._close_pending
+                or self._quic._state is _aioquic_connection.QuicConnectionState.CLOSING
+            )
+            if not by_peer:
+                self.transport_violation(close_event.error_code, close_event.reason_phrase)
+            self._report_terminated(close_event.error_code, close_event.reason_phrase, by_peer)
+
+    def transport_violation(self, error_code: int, reason: str) -> None:
+        """aioquic closed the connection for a transport error of the peer's (a frame not
+        negotiated, a flow-control or stream limit broken): the close is ours, for this
+        reason; subclasses report it as the peer's protocol violation."""
+        if self.reason is None:
+            self.reason = "transport_error"
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable on a connected client socket: nobody listens there
@@ -997,6 +1012,16 @@ class _GatedServer(QuicServer):
         ):
             return None
         return header
+
+
+def quic_error_name(code: int) -> str:
+    """A QUIC transport error code's name (``FLOW_CONTROL_ERROR``, ``CRYPTO_ERROR 0x12a``)."""
+    if CRYPTO_ERROR_BASE <= code <= CRYPTO_ERROR_MAX:
+        return f"CRYPTO_ERROR {code:#x}"
+    try:
+        return QuicErrorCode(code).name
+    except ValueError:
+        return f"{code:#x}"
 
 
 def refusal_packet(header: QuicHeader, reason: str) -> bytes:

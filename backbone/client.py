@@ -19,6 +19,7 @@ from ._link import (
     PendingOwner,
     internal_error,
     report_dropped,
+    report_transport_violation,
     report_violation,
     stop_sending_violation,
 )
@@ -220,6 +221,10 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
             report_violation(
                 self.client, self, self.client.client_id, internal_error(stream_id, exc)
             )
+
+    def transport_violation(self, error_code: int, reason: str) -> None:
+        super().transport_violation(error_code, reason)
+        report_transport_violation(self.client, self, self.client.client_id, error_code, reason)
 
     def stop_sending_received(self, stream_id: int, error_code: int) -> None:
         report_violation(

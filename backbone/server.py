@@ -19,6 +19,7 @@ from ._link import (
     check_timeout,
     internal_error,
     report_dropped,
+    report_transport_violation,
     report_violation,
     stop_sending_violation,
 )
@@ -223,6 +224,11 @@ class _ServerConnection(LinkHolder, QuicEndpoint):
 
     def stop_sending_received(self, stream_id: int, error_code: int) -> None:
         self.violation(stop_sending_violation(stream_id, error_code))
+
+    def transport_violation(self, error_code: int, reason: str) -> None:
+        super().transport_violation(error_code, reason)
+        client_id = self.link.client_id if self.link else None
+        report_transport_violation(self.server, self, client_id, error_code, reason)
 
     # --- teardown ----------------------------------------------------------------------------
 

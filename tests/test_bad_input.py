@@ -242,3 +242,58 @@ async def test_burst_of_silent_handshakes_is_cleaned_up_control_client_unaffecte
             assert [c.client_id for c in server.clients()] == ["good"]
             for p in peers:
                 p.close_with(0, "done")
+
+
+async def test_a_peer_that_does_not_take_its_results_is_closed(make_server, events, certs):
+    """A peer sends WaitAck commands but grants no more QUIC flow control on stream 0:
+    the results cannot leave, and must not pile up without end.  (They grew past 10 MiB
+    against a 4 MiB limit.)  Past twice outbound_buffer_limit it is closed."""
+    limit = 256 * 1024
+    async with make_server(
+        outbound_buffer_limit=limit, max_payload=100_000, heartbeat_interval=5.0
+    ) as server:
+        server.handler(lambda m: m.payload)  # echo: 60 KB results
+        peer = await _raw_peer(server.port, certs)
+        peer._quic._write_stream_limits = lambda *a, **k: None  # never more stream credit
+        try:
+            peer.write(0, hello("hog"))
+            await asyncio.wait_for(peer.data_arrived.wait(), 5)  # the WELCOME
+            body = b"x" * 60_000
+            for i in range(40):
+                mid = i.to_bytes(16, "big")
+                peer.write(0, encode_data_frame(FrameType.MESSAGE, 0x03, mid, body))  # WaitAck, raw
+                await asyncio.sleep(0)
+            ended = await events.wait("disconnected", role="server", client_id="hog")
+            assert ended.reason == "slow_consumer", ended
+            assert "not taken" in ended.detail
+            code, _reason = await asyncio.wait_for(peer.closed_code, 5)
+            assert code == ErrorCode.SLOW_CONSUMER
+        finally:
+            peer.close_with(0, "done")
+
+
+async def test_a_quic_transport_error_is_the_peers_violation(
+    make_server, make_client, events, certs
+):
+    """aioquic closes a connection itself when the peer breaks QUIC (here: DATAGRAM
+    frames, which were never negotiated).  That close is ours, for the peer's fault: a
+    protocol.violated event with the transport code, and disconnected with reason
+    transport_error.  (It was reported as the peer closing: connection_lost, no event.)"""
+    async with make_server() as server:
+        good = make_client("good", server.port)
+        good.handler(lambda m: m.payload)
+        async with running(good):
+            peer = await _raw_peer(server.port, certs)
+            try:
+                peer.write(0, hello("dgram"))
+                await asyncio.wait_for(peer.data_arrived.wait(), 5)  # the WELCOME
+                peer._quic._datagrams_pending.append(b"x" * 100)
+                peer.transmit()
+                ended = await events.wait("disconnected", role="server", client_id="dgram")
+                assert ended.reason == "transport_error", ended
+                violated = await events.wait("protocol.violated", role="server")
+                assert violated.client_id == "dgram"
+                assert violated.code_name == "PROTOCOL_VIOLATION", violated
+                assert await server.send_to("good", 1, wait_ack=True) == 1
+            finally:
+                peer.close_with(0, "done")
