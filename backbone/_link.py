@@ -28,6 +28,7 @@ from .errors import (
     BackboneError,
     Backpressure,
     ErrorCode,
+    InvalidHeaders,
     PayloadTooLarge,
     ProtocolViolation,
     RemoteError,
@@ -510,7 +511,18 @@ class HandlerOwner:
 
 
 def _error_body(error_type: str, message: str) -> bytes:
-    return orjson.dumps({"type": error_type, "message": message[:4000]})
+    """An error RESULT's body.  Text that is not valid UTF-8 (a lone surrogate, say from
+    a file name decoded with ``surrogateescape``) is written with backslash escapes:
+    orjson refuses it, and the peer must get its answer anyway."""
+    fields = {"type": error_type, "message": message[:4000]}
+    try:
+        return orjson.dumps(fields)
+    except orjson.JSONEncodeError:
+        return orjson.dumps({k: _utf8(v) for k, v in fields.items()})
+
+
+def _utf8(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class Link:
@@ -914,8 +926,13 @@ class Link:
                     )
         if error is not None:
             flags, body = FLAG_ERROR, _error_body(*error)
+        msg_id = bytes.fromhex(msg.msg_id)
         headers = propagation.inject(self.owner, "result", msg.msg_id, self.client_id, None)
-        frame = encode_data_frame(FrameType.RESULT, flags, bytes.fromhex(msg.msg_id), body, headers)
+        try:
+            frame = encode_data_frame(FrameType.RESULT, flags, msg_id, body, headers)
+        except InvalidHeaders as exc:  # a header injector's doing: answer without them
+            log.warning("result of %s sent without its headers: %s", msg.msg_id, exc)
+            frame = encode_data_frame(FrameType.RESULT, flags, msg_id, body, None)
         # a result is never refused for backpressure: the peer is waiting for it.  But a
         # peer that sends commands and does not take their results (it grants no QUIC
         # flow control) would make them pile up here without end: past twice the

@@ -441,6 +441,8 @@ class Client(HandlerOwner, PendingOwner):
         self._ids = MsgIdGenerator()
         self._rng = rng or random.Random()
         self._closing = False
+        #: why the client stopped for good (for wait_connected), when it has
+        self._stopped_why = "it was closed"
         self._connected_event: asyncio.Event | None = None
         self.plugins: list[Plugin] = resolve_plugins(plugins)
         self.figures = Figures()
@@ -494,10 +496,22 @@ class Client(HandlerOwner, PendingOwner):
             )
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        if self._connected_event is None:
+        """Until the client is connected; ``TimeoutError`` after ``timeout`` seconds, and
+        :class:`NotConnected` at once if the client stops for good meanwhile (closed, or
+        ``stop_on_auth_failure``) instead of waiting for ever."""
+        event, task = self._connected_event, self._task
+        if event is None or task is None:
             raise NotConnected("the client is not started (use `async with client`)")
-        async with asyncio.timeout(timeout):
-            await self._connected_event.wait()
+        if self._state is ClientState.CLOSED or task.done():
+            raise NotConnected(f"the client {self.client_id!r} has stopped: {self._stopped_why}")
+        connected = asyncio.ensure_future(event.wait())
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({connected, task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            connected.cancel()
+        if not event.is_set():
+            raise NotConnected(f"the client {self.client_id!r} has stopped: {self._stopped_why}")
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -522,6 +536,8 @@ class Client(HandlerOwner, PendingOwner):
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        if self._state is not ClientState.CLOSED:  # cancelled before its first step
+            self._set_state(ClientState.CLOSED, "closed")
         signals.flush_steps()  # the last pass's per-message steps, before the loop may stop
         for plugin in reversed(self.plugins):
             uninstall_plugin(plugin, self)
@@ -638,6 +654,10 @@ class Client(HandlerOwner, PendingOwner):
                             "stopping as configured",
                             self.client_id,
                             exc.detail,
+                        )
+                        self._stopped_why = (
+                            f"the server refused our certificate ({exc.detail}); "
+                            "stop_on_auth_failure is set"
                         )
                         break
                     await self._back_off(attempt, exc.reason, exc.goaway)

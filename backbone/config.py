@@ -17,7 +17,10 @@ class _Common(BaseModel):
 
     heartbeat_interval: float = Field(15.0, gt=0, description="seconds between client pings")
     heartbeat_misses: int = Field(
-        3, ge=1, description="silent intervals before the peer is declared dead"
+        3,
+        ge=2,
+        description="silent intervals before the peer is declared dead (at least 2: with "
+        "1, a ping a moment late, as timers and the ping grid allow, evicts a live client)",
     )
     ack_timeout: float = Field(30.0, gt=0, description="default WaitAck timeout, seconds")
     max_payload: int = Field(MiB, ge=1, description="largest payload accepted, bytes")

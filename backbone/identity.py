@@ -78,6 +78,13 @@ def verify_client_certificate(
         )
     if now > leaf.not_valid_after_utc:
         raise AuthFailure("expired", f"certificate expired on {leaf.not_valid_after_utc:%Y-%m-%d}")
+    known = {ca.subject for ca in cas} | {c.subject for c in chain}
+    if leaf.issuer not in known:  # told apart before the verifier, not from its wording
+        raise AuthFailure(
+            "unknown_ca",
+            f"certificate issued by {leaf.issuer.rfc4514_string()!r}, not by the client CA "
+            "or an intermediate presented with it",
+        )
     verifier = PolicyBuilder().store(Store(cas)).time(now).build_client_verifier()
     try:
         verifier.verify(leaf, chain)

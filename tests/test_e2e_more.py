@@ -473,3 +473,39 @@ async def test_what_a_connection_end_drops_is_counted_in_its_event(
             assert server.evict("unsent")  # in the same loop pass: never handed to QUIC
             ended = await events.wait("disconnected", role="server", client_id="unsent")
         assert (ended.unhandled, ended.unsent) == (0, 1)
+
+
+async def test_a_handler_error_that_is_not_valid_utf8_still_answers(make_server, make_client):
+    """The error RESULT of a handler whose exception text holds a lone surrogate (a name
+    decoded with surrogateescape) still goes out: the sender gets RemoteError, not an
+    AckTimeout after its whole timeout."""
+    from backbone import RemoteError
+
+    async with make_server() as server:
+        client = make_client("utf8", server.port)
+
+        @client.handler
+        def fails(msg: Message) -> None:
+            raise ValueError(b"no file named \xff".decode("utf-8", "surrogateescape"))
+
+        async with running(client):
+            with pytest.raises(RemoteError) as err:
+                await server.send_to("utf8", 1, wait_ack=True, timeout=5)
+            assert err.value.error_type == "ValueError"
+            assert err.value.message == "no file named \\udcff"
+
+
+async def test_a_client_closed_right_after_start_says_so(make_server, make_client, events):
+    """close() before the connection task took its first step: the client still ends
+    CLOSED, with its state.changed, not IDLE for ever."""
+    from backbone import ClientState, NotConnected
+
+    async with make_server() as server:
+        client = make_client("brief", server.port)
+        await client.start()
+        await client.close()
+        assert client.state is ClientState.CLOSED
+        changed = events.of("state.changed", client_id="brief")
+        assert [(e.old, e.new) for e in changed] == [("idle", "closed")]
+        with pytest.raises(NotConnected, match="closed"):
+            await client.wait_connected(1)

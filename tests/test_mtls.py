@@ -4,6 +4,7 @@ server (auth.failed event) and on the client (connect.failed reason "auth" + det
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import load_pem_x509_certificate
 
-from backbone import ClientState
+from backbone import ClientState, NotConnected
 from backbone.certs import issue, make_dev_certs, write_pem
 
 from .test_e2e import running
@@ -100,8 +101,14 @@ async def test_client_can_be_told_to_stop_after_an_auth_failure(mtls_server, mak
     async with mtls_server() as server:
         client = make_client("dev-1", server.port, stop_on_auth_failure=True)
         async with client:
+            # a waiter learns that the client stopped for good (it waited for ever)
+            waiting = asyncio.ensure_future(client.wait_connected())
             await events.wait("state.changed", new="closed", timeout=10)
             assert client.state is ClientState.CLOSED
+            with pytest.raises(NotConnected, match="refused our certificate"):
+                await asyncio.wait_for(waiting, 5)
+            with pytest.raises(NotConnected, match="refused our certificate"):
+                await client.wait_connected()
         assert not events.of("reconnect.scheduled")
 
 
@@ -128,3 +135,33 @@ async def test_expired_server_certificate_is_a_tls_failure(make_client, events, 
         async with client:
             ev = await events.wait("connect.failed", timeout=10)
             assert ev.reason == "tls"
+
+
+def test_a_certificate_from_another_issuer_is_unknown_ca_whatever_its_extensions(certs):
+    """A self-signed certificate without an Authority Key Identifier made the verifier
+    say something the wording check did not recognise: it was 'invalid', not
+    'unknown_ca'.  The issuer is now compared before the verifier runs."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from backbone.identity import AuthFailure, verify_client_certificate
+
+    cas = x509.load_pem_x509_certificates(certs.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")])
+    self_signed = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "someone else")]))
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(AuthFailure) as failure:
+        verify_client_certificate(self_signed, [], cas)
+    assert failure.value.reason == "unknown_ca", failure.value

@@ -154,7 +154,7 @@ def test_an_invalid_value_names_field_value_origin_and_reason(
     [line] = problems(flags={"heartbeat_misses": 0}, flag_names={"heartbeat_misses": "--misses"})
     assert (
         line.startswith("heartbeat_misses = 0 (from --misses)")
-        and "greater than or equal to 1" in line
+        and "greater than or equal to 2" in line
     )
 
     [line] = problems(flags={"slow_consumer_policy": "drop"})
@@ -313,3 +313,15 @@ def test_the_example_file_of_the_configuration_doc_loads(tmp_path: Path) -> None
     assert serve.plugin_options["history"]["path"] == "/var/lib/backbone/history.sqlite3"
     client = ClientSettings.load(config, {"client_id": "dev-7"})
     assert client.host == "backbone.example.com" and client.exec_timeout == 60.0
+
+
+def test_one_heartbeat_miss_is_refused() -> None:
+    """With heartbeat_misses = 1 a ping a moment late (timer lateness, the ping grid)
+    evicted live clients: a review's simulation evicted 43 of 2,000."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        ServerConfig(heartbeat_misses=1)
+    with pytest.raises(ValidationError, match="greater than or equal to 2"):
+        ClientConfig(client_id="dev-1", heartbeat_misses=1)
+    assert ServerConfig(heartbeat_misses=2).heartbeat_timeout == 30.0
