@@ -571,6 +571,8 @@ class Link:
         self._flush_queued = False
         self._inbox: deque[Message] = deque()
         self._in_handler = False  # the worker is in the handler with a message
+        #: times the handler worker waited for the peer to take what we send
+        self.paused = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = self._loop.create_task(
             self._work(), name=f"backbone-handler-{client_id}"
@@ -687,18 +689,21 @@ class Link:
     def _flush(self) -> None:
         self._flush_queued = False
         outbox = self._outbox
-        if self.closed or not outbox:
+        endpoint = self.endpoint
+        # a connection that has ended (its link is shut down a moment later on a client)
+        if self.closed or not outbox or endpoint.terminated_reported:
             return
         data = outbox[0] if len(outbox) == 1 else b"".join(outbox)
         try:
-            self.endpoint.write_now(MSG_STREAM, data)
+            endpoint.queue(MSG_STREAM, data)
         except Exception as exc:  # the stream cannot take it: this connection is done
             log.exception("writing to %r failed", self.client_id)
-            report_violation(self.owner, self.endpoint, self.client_id, internal_error(0, exc))
+            report_violation(self.owner, endpoint, self.client_id, internal_error(0, exc))
             return  # the frames stay in the outbox, counted as unsent at shutdown
         outbox.clear()
         self._outbox_bytes = 0
-        self._unacked_bound = self.endpoint.unacked_bytes(MSG_STREAM)
+        endpoint.transmit()
+        self._unacked_bound = endpoint.unacked_bytes(MSG_STREAM)
 
     # --- incoming ---------------------------------------------------------------------
     def on_frame(self, df: DataFrame, now: float) -> None:
@@ -833,11 +838,19 @@ class Link:
         here, not in a coroutine per message (that cost about a microsecond each)."""
         inbox = self._inbox
         owner = self.owner
+        limit = self.config.outbound_buffer_limit
+        endpoint = self.endpoint
         while True:
             if not inbox:
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
                 self._wakeup = None
+                continue
+            if endpoint.unacked_bytes(MSG_STREAM) > limit:
+                # the peer does not take what we send (its results included): handle
+                # nothing more of its until it does, so results cannot pile up without
+                # end.  Its further messages wait in the inbox, bounded by our window.
+                await self._until_taken(limit)
                 continue
             msg = inbox.popleft()
             handler = owner._handler
@@ -882,6 +895,19 @@ class Link:
                 log.exception("internal error while handling message %s", msg.msg_id)
             if not self.closed:
                 self._credit()
+
+    async def _until_taken(self, limit: int) -> None:
+        held = self.endpoint.unacked_bytes(MSG_STREAM)
+        log.info(
+            "%s %r does not take what we send (%d bytes waiting, limit %d): its messages "
+            "wait until it does",
+            "server" if self.role == "client" else "client",
+            self.client_id,
+            held,
+            limit,
+        )
+        self.paused += 1
+        await self.endpoint.wait_unacked_below(MSG_STREAM, limit)
 
     def _handled(
         self,
@@ -933,18 +959,9 @@ class Link:
         except InvalidHeaders as exc:  # a header injector's doing: answer without them
             log.warning("result of %s sent without its headers: %s", msg.msg_id, exc)
             frame = encode_data_frame(FrameType.RESULT, flags, msg_id, body, None)
-        # a result is never refused for backpressure: the peer is waiting for it.  But a
-        # peer that sends commands and does not take their results (it grants no QUIC
-        # flow control) would make them pile up here without end: past twice the
-        # outbound limit (sends alone stop at once the limit), it is closed.
-        limit = self.config.outbound_buffer_limit
-        buffered = self.buffered()
-        if buffered + len(frame) > 2 * limit:
-            detail = f"{buffered} bytes of results and messages not taken (limit {limit} × 2)"
-            log.warning("closing %r: %s", self.client_id, detail)
-            self.endpoint.shut("slow_consumer", ErrorCode.SLOW_CONSUMER, detail)
-            return
-        # it also tells the peer that everything up to this message was handled (a credit)
+        # a result is never refused for backpressure: the peer is waiting for it (the
+        # worker pauses instead while the peer does not take what we send, see _work).
+        # It also tells the peer that everything up to this message was handled (a credit).
         self.credit_sent = self.processed
         self._queue(frame)
         want = signals.wants(signals.on_ack)

@@ -190,6 +190,9 @@ class QuicEndpoint(QuicConnectionProtocol):
     #: where a client's connect attempt had got to when it was abandoned
     #: (:func:`handshake_progress`, taken before the connection is closed)
     abandoned_at = ""
+    #: (stream, bytes, future): resolved once the peer has taken the stream's data down
+    #: to that many bytes (:meth:`wait_unacked_below`)
+    _drain_waiter: tuple[int, int, asyncio.Future[None]] | None = None
 
     def __init__(self, quic: QuicConnection, stream_handler: Any = None) -> None:
         super().__init__(quic, stream_handler)
@@ -326,14 +329,21 @@ class QuicEndpoint(QuicConnectionProtocol):
             if not self._in_batch:
                 self._in_batch = True
                 batch.append(self)
+        if self._drain_waiter is not None:
+            self._check_drained()
         close_event = self._quic._close_event
         if close_event is not None and not self.terminated_reported:
             self.close_by_transport = close_event.frame_type is not None
             # a CONNECTION_CLOSE from the peer puts aioquic in DRAINING; its own close (a
-            # frame or limit the peer broke: a transport error) is pending or CLOSING
+            # frame or limit the peer broke: a transport error) is pending or CLOSING.
+            # Only after the handshake: a failed handshake (TLS) is reported as such
+            # (connect.failed on a client, authentication events on a server).
             by_peer = not (
-                self._quic._close_pending
-                or self._quic._state is _aioquic_connection.QuicConnectionState.CLOSING
+                self._quic._handshake_complete
+                and (
+                    self._quic._close_pending
+                    or self._quic._state is _aioquic_connection.QuicConnectionState.CLOSING
+                )
             )
             if not by_peer:
                 self.transport_violation(close_event.error_code, close_event.reason_phrase)
@@ -473,6 +483,24 @@ class QuicEndpoint(QuicConnectionProtocol):
         if self._quic._close_event is None:
             self._quic.close(error_code=error_code, reason_phrase=reason[:200])
             self.transmit()
+
+    def wait_unacked_below(self, stream_id: int, limit: int) -> asyncio.Future[None]:
+        """Done once no more than ``limit`` bytes of ``stream_id`` wait for the peer
+        (unsent, or sent and not acknowledged): checked after each datagram from the
+        peer, whose acknowledgements and flow-control credit are what lower it."""
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiter = (stream_id, limit, fut)
+        self._check_drained()
+        return fut
+
+    def _check_drained(self) -> None:
+        assert self._drain_waiter is not None
+        stream_id, limit, fut = self._drain_waiter
+        if fut.done():
+            self._drain_waiter = None
+        elif self.unacked_bytes(stream_id) <= limit:
+            self._drain_waiter = None
+            fut.set_result(None)
 
     # --- introspection (private aioquic state) ---------------------------------------
     def unacked_bytes(self, stream_id: int) -> int:

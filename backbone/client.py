@@ -502,16 +502,22 @@ class Client(HandlerOwner, PendingOwner):
         event, task = self._connected_event, self._task
         if event is None or task is None:
             raise NotConnected("the client is not started (use `async with client`)")
-        if self._state is ClientState.CLOSED or task.done():
-            raise NotConnected(f"the client {self.client_id!r} has stopped: {self._stopped_why}")
-        connected = asyncio.ensure_future(event.wait())
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait({connected, task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            connected.cancel()
-        if not event.is_set():
-            raise NotConnected(f"the client {self.client_id!r} has stopped: {self._stopped_why}")
+        if event.is_set():
+            return
+        if not (self._state is ClientState.CLOSED or task.done()):
+            connected = asyncio.ensure_future(event.wait())
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.wait({connected, task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                connected.cancel()
+            # it was connected at that moment, even if that connection has ended since
+            if connected.done() and not connected.cancelled():
+                return
+        why = self._stopped_why
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            why = f"its connection task failed: {task.exception()!r}"
+        raise NotConnected(f"the client {self.client_id!r} has stopped: {why}")
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

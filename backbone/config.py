@@ -22,7 +22,9 @@ class _Common(BaseModel):
         description="silent intervals before the peer is declared dead (at least 2: with "
         "1, a ping a moment late, as timers and the ping grid allow, evicts a live client)",
     )
-    ack_timeout: float = Field(30.0, gt=0, description="default WaitAck timeout, seconds")
+    ack_timeout: float = Field(
+        30.0, gt=0, allow_inf_nan=False, description="default WaitAck timeout, seconds"
+    )
     max_payload: int = Field(MiB, ge=1, description="largest payload accepted, bytes")
     outbound_buffer_limit: int = Field(
         4 * MiB, ge=1, description="bytes queued but not yet acknowledged by a peer's QUIC stack"

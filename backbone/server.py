@@ -42,6 +42,7 @@ from .errors import (
     ClientGone,
     ClientNotConnected,
     ErrorCode,
+    InvalidHeaders,
     InvalidPayload,
     ProtocolViolation,
 )
@@ -557,10 +558,8 @@ class Server(HandlerOwner, PendingOwner):
             link = conn.link
             if link is None or link.closed:
                 continue
-            try:
-                link.send_control(goaway)
-            except Exception:  # one connection's failure must not keep the others' GOAWAY
-                log.exception("sending GOAWAY to %r failed", link.client_id)
+            link.send_control(goaway)  # a write that fails closes that connection only
+            if link.closed:
                 continue
             if want:
                 signals.emit(
@@ -805,14 +804,14 @@ class Server(HandlerOwner, PendingOwner):
         check_timeout(timeout)
         try:
             flags, body = encode_payload(payload)
-        except InvalidPayload as exc:  # refused for every client at once
+            if wait_ack:
+                flags |= FLAG_WAIT_ACK
+            msg_id = self._ids.next()
+            headers = propagation.outgoing(self, "broadcast", msg_id, "*", headers)
+            frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
+        except (InvalidPayload, InvalidHeaders) as exc:  # refused for every client at once
             self._rejected("*", exc, None)
             raise
-        if wait_ack:
-            flags |= FLAG_WAIT_ACK
-        msg_id = self._ids.next()
-        headers = propagation.outgoing(self, "broadcast", msg_id, "*", headers)
-        frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
         timeout = self.config.ack_timeout if timeout is None else timeout
         outcomes: dict[str, Outcome] = {}
         futures: dict[str, tuple[str, asyncio.Future[Any]]] = {}

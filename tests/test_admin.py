@@ -699,6 +699,8 @@ async def test_headers_or_a_payload_that_cannot_be_sent_are_422_not_500(
                 assert (await checked(resp))["error"]["code"] == "invalid_payload"
             rejected = events.of("send.rejected", reason="invalid_payload")
             assert [e.client_id for e in rejected] == ["dev-1", "*"]
+            rejected = events.of("send.rejected", reason="invalid_headers")
+            assert [e.client_id for e in rejected] == ["dev-1", "*"]
             # the library raises it as a TypeError too, as before
             with pytest.raises(TypeError, match="cannot be encoded"):
                 await server.send_to("dev-1", _deep())

@@ -244,32 +244,52 @@ async def test_burst_of_silent_handshakes_is_cleaned_up_control_client_unaffecte
                 p.close_with(0, "done")
 
 
-async def test_a_peer_that_does_not_take_its_results_is_closed(make_server, events, certs):
+async def test_a_peer_that_does_not_take_its_results_stops_being_served(
+    make_server, make_client, events, certs
+):
     """A peer sends WaitAck commands but grants no more QUIC flow control on stream 0:
-    the results cannot leave, and must not pile up without end.  (They grew past 10 MiB
-    against a 4 MiB limit.)  Past twice outbound_buffer_limit it is closed."""
+    the results cannot leave.  They piled up without end (past 10 MiB against a 4 MiB
+    limit); now the peer's messages wait unhandled once it holds more than
+    outbound_buffer_limit, and a peer that floods on regardless overflows its window."""
     limit = 256 * 1024
     async with make_server(
-        outbound_buffer_limit=limit, max_payload=100_000, heartbeat_interval=5.0
+        outbound_buffer_limit=limit,
+        max_payload=100_000,
+        max_inbound_queue=16,
+        heartbeat_interval=5.0,
     ) as server:
         server.handler(lambda m: m.payload)  # echo: 60 KB results
-        peer = await _raw_peer(server.port, certs)
-        peer._quic._write_stream_limits = lambda *a, **k: None  # never more stream credit
-        try:
-            peer.write(0, hello("hog"))
-            await asyncio.wait_for(peer.data_arrived.wait(), 5)  # the WELCOME
-            body = b"x" * 60_000
-            for i in range(40):
-                mid = i.to_bytes(16, "big")
-                peer.write(0, encode_data_frame(FrameType.MESSAGE, 0x03, mid, body))  # WaitAck, raw
-                await asyncio.sleep(0)
-            ended = await events.wait("disconnected", role="server", client_id="hog")
-            assert ended.reason == "slow_consumer", ended
-            assert "not taken" in ended.detail
-            code, _reason = await asyncio.wait_for(peer.closed_code, 5)
-            assert code == ErrorCode.SLOW_CONSUMER
-        finally:
-            peer.close_with(0, "done")
+        good = make_client("good", server.port)
+        good.handler(lambda m: m.payload)
+        async with running(good):
+            peer = await _raw_peer(server.port, certs)
+            peer._quic._write_stream_limits = lambda *a, **k: None  # never more stream credit
+            try:
+                peer.write(0, hello("hog"))
+                await asyncio.wait_for(peer.data_arrived.wait(), 5)  # the WELCOME
+                conn = server._sessions["hog"]
+                held: list[int] = []
+                wait = conn.wait_unacked_below
+
+                def noting_wait(stream_id: int, below: int) -> Any:
+                    held.append(conn.unacked_bytes(stream_id))
+                    return wait(stream_id, below)
+
+                conn.wait_unacked_below = noting_wait
+                body = b"x" * 60_000
+                for i in range(60):
+                    mid = i.to_bytes(16, "big")
+                    peer.write(0, encode_data_frame(FrameType.MESSAGE, 0x03, mid, body))
+                    await asyncio.sleep(0)
+                ended = await events.wait("disconnected", role="server", client_id="hog")
+                assert ended.reason == "inbound_overflow", ended
+                # it paused with at most one result over the limit held for the peer
+                assert held and max(held) <= limit + 61_000, held
+                handled = events.of("message.processed", role="server", client_id="hog")
+                assert len(handled) < 60
+                assert await server.send_to("good", 1, wait_ack=True) == 1  # others served
+            finally:
+                peer.close_with(0, "done")
 
 
 async def test_a_quic_transport_error_is_the_peers_violation(

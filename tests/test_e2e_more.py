@@ -224,6 +224,8 @@ async def test_wrong_host_name_is_a_tls_failure(make_server, make_client, events
             ev = await events.wait("connect.failed", timeout=5)
             assert ev.reason == "tls"
         assert server.clients() == []
+        # a failed handshake is not the other side breaking QUIC
+        assert not events.of("protocol.violated")
 
 
 async def test_verification_off_connects_and_says_so_loudly(
@@ -509,3 +511,50 @@ async def test_a_client_closed_right_after_start_says_so(make_server, make_clien
         assert [(e.old, e.new) for e in changed] == [("idle", "closed")]
         with pytest.raises(NotConnected, match="closed"):
             await client.wait_connected(1)
+
+
+async def test_big_results_in_one_pass_are_all_delivered(make_server, make_client, events):
+    """Nine WaitAck commands whose results are about 1 MB each, handled in one loop
+    pass: more than twice outbound_buffer_limit at once.  Every result arrives; the
+    handler only waits while the peer holds more than the limit."""
+    async with make_server() as server:
+        big = "x" * 1_000_000
+
+        @server.handler
+        async def answer(msg: Message) -> str:
+            return big
+
+        client = make_client("big-results", server.port)
+        async with running(client):
+            results = await asyncio.gather(
+                *(client.send(i, wait_ack=True, timeout=20) for i in range(9))
+            )
+            assert results == [big] * 9
+        assert not events.of("disconnected", role="server", reason="slow_consumer")
+
+
+async def test_wait_connected_returns_when_the_connection_ends_right_away(
+    make_server, make_client, events
+):
+    """Connected, then evicted in the next loop pass: wait_connected() returns (the client
+    was connected), it does not say the client has stopped; the client reconnects."""
+    async with make_server() as server:
+        loop = asyncio.get_running_loop()
+        evicted: list[str] = []
+
+        def evict_once(sender: Any, event: Any) -> None:
+            if event.role == "server" and not evicted:
+                evicted.append(event.client_id)
+                loop.call_soon(server.evict, event.client_id)
+
+        signals.on_connected.connect(evict_once, weak=False)
+        try:
+            client = make_client("brief-2", server.port, backoff_initial=0.05, backoff_max=0.1)
+            async with running(client):
+                await client.wait_connected(5)
+                await events.wait("disconnected", role="client", client_id="brief-2")
+                await events.wait_count("connected", 2, role="client", client_id="brief-2")
+                await client.wait_connected(5)
+        finally:
+            signals.on_connected.disconnect(evict_once)
+        assert evicted == ["brief-2"]

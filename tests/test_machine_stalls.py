@@ -75,6 +75,7 @@ def test_the_probe_thread_measures_chunks_until_stopped() -> None:
     assert probe.wait_for_chunks(10, timeout=10)  # the probe thread runs on its own
     report = probe.stop()
     assert report["chunks"] >= 10
-    # chunks above 3 × the median CPU time: by definition fewer than half of them
-    assert report["cpu_stalled"] <= report["chunks"] // 2
+    # the calibrated chunk is 0.1 ms of work: a median far from it means the
+    # calibration or the timing is broken (a stall only moves a few chunks)
+    assert 0.02 <= report["chunk_median_ms"] <= 20.0, report
     assert report["chunk_median_ms"] > 0

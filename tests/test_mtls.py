@@ -138,9 +138,10 @@ async def test_expired_server_certificate_is_a_tls_failure(make_client, events, 
 
 
 def test_a_certificate_from_another_issuer_is_unknown_ca_whatever_its_extensions(certs):
-    """A self-signed certificate without an Authority Key Identifier made the verifier
-    say something the wording check did not recognise: it was 'invalid', not
-    'unknown_ca'.  The issuer is now compared before the verifier runs."""
+    """A certificate signed by a key the client CA does not know, without an Authority
+    Key Identifier, made the verifier say something the wording check did not recognise:
+    it was 'invalid', not 'unknown_ca'.  The issuer is now compared before the verifier
+    runs."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec

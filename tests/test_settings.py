@@ -325,3 +325,13 @@ def test_one_heartbeat_miss_is_refused() -> None:
     with pytest.raises(ValidationError, match="greater than or equal to 2"):
         ClientConfig(client_id="dev-1", heartbeat_misses=1)
     assert ServerConfig(heartbeat_misses=2).heartbeat_timeout == 30.0
+
+
+def test_an_endless_ack_timeout_is_refused() -> None:
+    """An infinite default timeout passed the config and then broke every WaitAck send
+    (the per-call check refuses it): it is refused where it is set."""
+    from pydantic import ValidationError
+
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValidationError):
+            ServerConfig(ack_timeout=bad)
