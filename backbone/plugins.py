@@ -64,6 +64,9 @@ class Plugin:
     def __init__(self) -> None:
         self._installed: set[int] = set()
         self._senders: dict[int, Any] = {}
+        #: the receivers connected at each install: uninstall disconnects exactly these
+        #: (receivers() may answer differently by then, e.g. after a log level change)
+        self._receivers_of: dict[int, dict[NamedSignal, Receiver]] = {}
 
     def receivers(self) -> dict[NamedSignal, Receiver]:
         """The signals this plugin listens to, and the callable for each."""
@@ -84,7 +87,8 @@ class Plugin:
         # per-message steps already taken go to the receivers of their time, not to us
         signals.flush_steps()
         target = ANY if sender is None else sender
-        for signal, receiver in self.receivers().items():
+        connected = self._receivers_of[key] = dict(self.receivers())
+        for signal, receiver in connected.items():
             signal.connect(receiver, sender=target, weak=False)
         self.on_install(sender)
 
@@ -97,7 +101,7 @@ class Plugin:
         signals.flush_steps()  # the steps taken while we listened reach us first
         target = ANY if sender is None else sender
         last = not self._installed
-        for signal, receiver in self.receivers().items():
+        for signal, receiver in self._receivers_of.pop(key, {}).items():
             signal.disconnect(receiver, sender=target)
             if last:
                 # blinker keeps a receiver listed after a per-sender disconnect; drop it

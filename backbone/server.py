@@ -802,6 +802,7 @@ class Server(HandlerOwner, PendingOwner):
         so that the server keeps reading its socket, the recipients' answers included.
         Without ``wait_ack`` it returns once every copy has been handed to QUIC."""
         check_timeout(timeout)
+        msg_id: bytes | None = None
         try:
             flags, body = encode_payload(payload)
             if wait_ack:
@@ -810,7 +811,7 @@ class Server(HandlerOwner, PendingOwner):
             headers = propagation.outgoing(self, "broadcast", msg_id, "*", headers)
             frame = encode_data_frame(FrameType.MESSAGE, flags, msg_id, body, headers)
         except (InvalidPayload, InvalidHeaders) as exc:  # refused for every client at once
-            self._rejected("*", exc, None)
+            self._rejected("*", exc, msg_id)  # with its MsgID once it had one (the trace)
             raise
         timeout = self.config.ack_timeout if timeout is None else timeout
         outcomes: dict[str, Outcome] = {}

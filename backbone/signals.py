@@ -215,13 +215,21 @@ for _signal in ALL_SIGNALS:
     _signal.receiver_disconnected.connect(_clear_routes, weak=False)
 
 
+#: what a receiver may raise without harm to the data path: any error, and also a
+#: CancelledError (a BaseException) - receivers are plain functions, so one that raises it
+#: did so itself (say, ``result()`` of a cancelled future), never because the core's task
+#: is being cancelled.  It once escaped into the handler worker and the pending-result
+#: expiry and stopped them.  KeyboardInterrupt and SystemExit still go through.
+RECEIVER_FAILURES = (Exception, asyncio.CancelledError)
+
+
 def _deliver(signal: NamedSignal, sender: Any, event: Event) -> None:
     if not signal.receivers:
         return
     for receiver in _route(signal, sender):
         try:
             receiver(sender, event=event)
-        except Exception:
+        except RECEIVER_FAILURES:
             _failed(signal, receiver, event)
 
 
@@ -244,7 +252,7 @@ def emit_step(signal: NamedSignal, sender: Any, event: Event) -> None:
         for receiver in route:
             try:
                 receiver(sender, event=event)
-            except Exception:
+            except RECEIVER_FAILURES:
                 _failed(signal, receiver, event)
     if on_event.receivers and signal is not on_event and signal is not on_events_batched:
         _deliver(on_event, sender, event)
@@ -429,9 +437,12 @@ def flush_steps() -> None:
     _steps.sources = []
     _steps.adhoc = {}
     deliver = bool(on_events_batched.receivers)
+    # every source is taken off first: whatever a receiver raises, each one registers
+    # again at its next step (a source left with rows was never registered again)
+    pendings = [(source, source.pending_steps) for source in sources]
     for source in sources:
-        pending = source.pending_steps
         source.pending_steps = None
+    for source, pending in pendings:
         if not deliver or not pending:
             continue
         owner, role, client_id = source.owner, source.role, source.client_id

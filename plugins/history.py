@@ -74,7 +74,7 @@ from backbone.events import (
     Role,
     SendRejected,
 )
-from backbone.plugins import BoundedWorker, Plugin, Receiver
+from backbone.plugins import BoundedWorker, Plugin, Receiver, plugin_drops
 
 log = logging.getLogger("backbone.plugins.history")
 
@@ -592,7 +592,8 @@ def fold(state: dict[str, Any], event: Event) -> None:
     elif t is AckTimedOut:
         state["ack_timeouts"] += 1
     elif t is AckFailed:
-        state["ack_gone"] += 1
+        if event.reason != "cancelled":  # type: ignore[attr-defined]  # the caller gave up
+            state["ack_gone"] += 1
     elif t is LateAckDropped:
         state["acks_late"] += 1
     elif t is SendRejected:
@@ -754,6 +755,7 @@ class HistoryPlugin(Plugin):
         # flush accounting: submitted on the loop, done (written or failed) by the writer
         self._submitted = 0
         self._done = 0
+        self._failed = 0  # of those done, events whose write failed (counted as dropped)
         self._drops_base = 0
         self._progress = threading.Condition()
         self._last_retention = float("-inf")
@@ -778,7 +780,7 @@ class HistoryPlugin(Plugin):
         self._ensure_schema()
         self._wconn = conn = self._connect()
         self._last_retention = float("-inf")
-        self._submitted = self._done = 0
+        self._submitted = self._done = self._failed = 0
         self._worker = self._last_worker = BoundedWorker(
             self.name,
             functools.partial(self._write, conn),
@@ -992,6 +994,7 @@ class HistoryPlugin(Plugin):
     # --- the writer thread ----------------------------------------------------------------------
     def _write(self, conn: sqlite3.Connection, chunks: list[Chunk]) -> None:
         events = 0
+        written = False
         try:
             rows: list[Row] = []
             raw: list[Record] = []  # consecutive unpacked records, packed here in order
@@ -1024,6 +1027,7 @@ class HistoryPlugin(Plugin):
                 for i in range(0, len(values), step):
                     chunk = values[i : i + step]
                     conn.execute(_insert_rows(len(chunk) // _COLUMNS), chunk)
+            written = True  # committed
             now = time.monotonic()
             if now - self._last_retention >= self.retention_every:
                 self._last_retention = now
@@ -1032,8 +1036,12 @@ class HistoryPlugin(Plugin):
                 except sqlite3.Error:
                     log.exception("history: retention failed; it is retried later")
         finally:
+            if not written:  # the worker logs the batch's exception and counts the batch
+                plugin_drops[self.name] += events
             with self._progress:
                 self._done += events
+                if not written:
+                    self._failed += events
                 self._progress.notify_all()
 
     def _retain(self, conn: sqlite3.Connection) -> int:
@@ -1110,13 +1118,16 @@ class HistoryPlugin(Plugin):
         return deleted
 
     def stats(self) -> dict[str, int]:
-        """Counters of the current (or last) writer: events recorded, written (or failed),
-        dropped on a full queue, batches that failed, rows pruned."""
+        """Counters of the current (or last) writer: events recorded, written, dropped on a
+        full queue, lost in batches whose write failed (also in ``plugin_drops``), batches
+        that failed, rows pruned.  ``written + dropped + failed`` is ``recorded`` once
+        flushed."""
         worker = self._worker or self._last_worker
         return {
             "recorded": self._submitted,
-            "written": self._done,
+            "written": self._done - self._failed,
             "dropped": 0 if worker is None else worker.dropped - self._drops_base,
+            "failed": self._failed,
             "failed_batches": 0 if worker is None else worker.failed_batches,
             "pruned": self.pruned,
         }

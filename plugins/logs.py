@@ -55,9 +55,10 @@ flushes every record), which would cut a busy connection's throughput by a third
 ``message_level``, ``DEBUG`` by default, while connections, reconnects and every
 failure are logged at ``level``.  Pass ``message_level="INFO"`` to see every message.
 If the logger is not enabled for ``message_level`` when the plugin is installed, the
-plugin does not even subscribe to ``message.sent`` and ``message.received``, so those
-events are not built on its account; enabling that level later takes effect at the next
-install (``ack.*`` lines follow the logger's level at once).
+plugin does not even subscribe to the per-message steps (``message.sent``,
+``message.received``, ``ack.sent``, ``ack.received``), so they are not built on its
+account; enabling that level later takes effect at the next install.  (Raising the level
+later does stop those lines at once.)
 
 Cost: a receiver first asks the logger whether that level is enabled (a cached lookup)
 and returns at once if not; the line is built only for records that will be handled.

@@ -30,7 +30,9 @@ name (unit)                            kind                 attributes, meaning
                                                             round trip** (see below);
                                                             ``error.type``: the remote error
                                                             type, ``timeout``,
-                                                            ``client_gone`` / ``server_gone``
+                                                            ``client_gone`` / ``server_gone``,
+                                                            ``cancelled`` (the caller
+                                                            stopped waiting)
 ``messaging.process.duration`` (s)     Histogram            operation ``process``: handler
                                                             time (``processing_time``);
                                                             ``error.type`` if it raised
@@ -69,6 +71,11 @@ name (unit)                            kind                 attributes, meaning
                                                             (:data:`backbone.signals.receiver_failures`,
                                                             summed over plugin instances)
 =====================================  ===================  ==================================
+
+Every label's values are bounded: ``error.type`` takes the first 64 distinct values
+(:data:`MAX_ERROR_TYPES`) and ``_OTHER`` after that, because a remote error type is
+whatever the peer's RESULT says (each new one would be a series kept for ever); client ids
+are never labels.
 
 Histogram buckets are passed as advisories (a View still wins): the semantic-convention
 ones ``[0.005 … 10]`` for ``messaging.*``, and ``[0.0005 … 10]`` for ``backbone.ack.duration``
@@ -216,6 +223,10 @@ def _messaging(op: str, op_type: str, role: str, error: str | None = None) -> At
     if error is not None:
         attrs["error.type"] = error
     return attrs
+
+
+#: distinct ``error.type`` values a metrics plugin labels series with; more are ``_OTHER``
+MAX_ERROR_TYPES: Final = 64
 
 
 def _gone(role: str) -> str:
@@ -387,6 +398,7 @@ class _Tallies:
         self.violations: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.refused: defaultdict[tuple[str, str], int] = defaultdict(int)
         self._attrs: dict[tuple[Any, ...], Attrs] = {}
+        self._error_types: set[str] = set()
 
         m = meter
         histograms: list[_Recorder]
@@ -500,10 +512,24 @@ class _Tallies:
         )
 
     # --- attributes, built once per distinct key ------------------------------------------
+    def _error_label(self, error: str | None) -> str | None:
+        """``error.type`` as a label: the first :data:`MAX_ERROR_TYPES` distinct values,
+        then ``_OTHER``.  A remote error type is whatever the peer's RESULT says: left
+        unbounded, a peer could make a series (and its memory, for ever) per message."""
+        if error is None or error in self._error_types:
+            return error
+        if len(self._error_types) >= MAX_ERROR_TYPES:
+            return "_OTHER"
+        self._error_types.add(error)
+        return error
+
     def messaging(self, op: str, role: str, error: str | None) -> Attrs:
         key = (op, role, error)
         a = self._attrs.get(key)
         if a is None:
+            label = self._error_label(error)
+            if label != error:
+                return self.messaging(op, role, label)
             a = self._attrs[key] = _messaging(
                 op, "process" if op == "process" else "send", role, error
             )
@@ -513,6 +539,9 @@ class _Tallies:
         key = ("own", role, error)
         a = self._attrs.get(key)
         if a is None:
+            label = self._error_label(error)
+            if label != error:
+                return self.own(role, label)
             a = {"backbone.role": role}
             if error is not None:
                 a["error.type"] = error
@@ -894,7 +923,9 @@ class MetricsPlugin(Plugin):
         t = self._tallies
         role = event.role
         t.ack_failures[(role, event.reason)] += 1
-        t.operation_duration.record(event.latency, t.messaging("send", role, _gone(role)))
+        # the caller stopped waiting, or the peer went away (as in tracing)
+        error = "cancelled" if event.reason == "cancelled" else _gone(role)
+        t.operation_duration.record(event.latency, t.messaging("send", role, error))
 
     def _send_rejected(self, sender: Any, event: SendRejected) -> None:
         t = self._tallies

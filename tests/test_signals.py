@@ -245,6 +245,39 @@ async def test_a_failing_batch_receiver_is_isolated_and_batches_skip_on_event():
         signals.receiver_failures.pop(name, None)
 
 
+async def test_a_receiver_raising_cancelled_error_is_isolated_and_batches_go_on():
+    """CancelledError is a BaseException: it escaped the bus, and a batch receiver that
+    raised it left the other connections of that pass unregistered for good (their rows
+    piled up, never delivered).  It is a receiver failure like any other now."""
+    a, b = Sender(), Sender()
+    calls = 0
+
+    def cancels(sender: Any, event: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise asyncio.CancelledError
+
+    name = signals.receiver_name(cancels)
+    signals.on_events_batched.connect(cancels, weak=False)
+    try:
+        with Batches() as rec:
+            signals.add_step(a, "server", "c1", "message.sent", sent_row(1))
+            signals.add_step(b, "server", "c2", "message.sent", sent_row(2))
+            await asyncio.sleep(0)
+            assert sorted(x.client_id for x in rec.got) == ["c1", "c2"]
+            # the next pass: both sources register again and are delivered
+            signals.add_step(a, "server", "c1", "message.sent", sent_row(3))
+            signals.add_step(b, "server", "c2", "message.sent", sent_row(4))
+            await asyncio.sleep(0)
+            assert sorted(x.client_id for x in rec.got) == ["c1", "c1", "c2", "c2"]
+        assert signals.receiver_failures[name] == 1
+        assert calls == 4
+    finally:
+        signals.on_events_batched.disconnect(cancels)
+        signals.receiver_failures.pop(name, None)
+
+
 def test_emit_event_sends_a_step_both_ways():
     a = Sender()
     single: list[Any] = []

@@ -973,3 +973,23 @@ async def test_flush_from_another_thread_gets_the_steps_the_loop_still_holds(
     emit(s, sent("c1", 2.0))
     assert await asyncio.to_thread(plugin.flush, 10)
     assert [e.at for e in plugin.history("c1", limit=None)] == [1.0, 2.0]
+
+
+def test_events_of_a_batch_whose_write_failed_are_counted_as_lost(installed, db, caplog):
+    """A write that fails (here the table is gone) loses its events: they were counted as
+    written.  Now they are ``failed`` in stats() and in plugin_drops."""
+    import sqlite3
+
+    from backbone.plugins import plugin_drops
+
+    plugin, s = installed()
+    before = plugin_drops[plugin.name]
+    with sqlite3.connect(db) as other:
+        other.execute("DROP TABLE events")
+    for i in range(10):
+        emit(s, sent("c1", 1.0 + i))
+    assert plugin.flush(5)
+    stats = plugin.stats()
+    assert (stats["written"], stats["failed"], stats["dropped"]) == (0, 10, 0), stats
+    assert stats["failed_batches"] >= 1
+    assert plugin_drops[plugin.name] - before == 10

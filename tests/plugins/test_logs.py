@@ -355,3 +355,23 @@ def test_an_unknown_kind_is_logged_with_all_its_fields(caplog):
         "client_id": "c",
         "how_many": "3",
     }
+
+
+def test_uninstall_disconnects_what_install_connected_whatever_the_level_now() -> None:
+    """Installed with DEBUG on (so it takes the per-message batches), then the level is
+    raised: uninstall asked receivers() again, missed the batch receiver, and left it
+    connected - the core kept building rows for every message for nobody."""
+    from backbone import signals
+
+    logger = logging.getLogger("backbone.test.uninstall")
+    logger.setLevel(logging.DEBUG)
+    plugin = LoggingPlugin(logger=logger)
+    sender = object()
+    plugin.install(sender)
+    try:
+        assert plugin.log_batch in signals.on_events_batched.receivers.values()
+        logger.setLevel(logging.INFO)
+    finally:
+        plugin.uninstall(sender)
+    assert plugin.log_batch not in signals.on_events_batched.receivers.values()
+    assert not signals.batching("message.sent")

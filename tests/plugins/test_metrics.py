@@ -636,3 +636,38 @@ def test_entry_point_and_configuration(monkeypatch):
         MetricsPlugin()
     with pytest.raises(ValueError, match="export_interval"):
         MetricsPlugin(export_interval=0)
+
+
+def test_error_type_labels_are_bounded() -> None:
+    """A remote error type is whatever the peer's RESULT says: 5,000 different ones made
+    5,000 series, kept for ever.  The first MAX_ERROR_TYPES are labels, then _OTHER."""
+    from plugins.metrics import MAX_ERROR_TYPES, _Tallies
+
+    tallies = _Tallies(MeterProvider().get_meter("test"))
+    labels = [
+        tallies.messaging("send", "server", f"Peer{i}Error")["error.type"] for i in range(500)
+    ]
+    labels += [tallies.own("server", f"Own{i}Error")["error.type"] for i in range(500)]
+    assert labels[:MAX_ERROR_TYPES] == [f"Peer{i}Error" for i in range(MAX_ERROR_TYPES)]
+    assert set(labels[MAX_ERROR_TYPES:]) == {"_OTHER"}
+    assert tallies.messaging("send", "server", "Peer0Error")["error.type"] == "Peer0Error"
+    assert len(tallies._attrs) <= 2 * (MAX_ERROR_TYPES + 1)
+
+
+def test_a_wait_the_caller_gave_up_is_labelled_cancelled() -> None:
+    """An ack.failed because the caller cancelled its wait is not the peer going away
+    (the trace said cancelled; the histogram said client_gone)."""
+    from backbone.events import AckFailed
+
+    reader = InMemoryMetricReader()
+    plugin = MetricsPlugin(meter_provider=MeterProvider(metric_readers=[reader]))
+    for reason in ("cancelled", "heartbeat_timeout"):
+        event = AckFailed(role="server", msg_id="00", client_id="c", reason=reason, latency=0.1)
+        plugin._ack_failed(None, event)
+    points = [
+        p
+        for m in reader.get_metrics_data().resource_metrics[0].scope_metrics[0].metrics
+        if m.name == "messaging.client.operation.duration"
+        for p in m.data.data_points
+    ]
+    assert sorted(p.attributes["error.type"] for p in points) == ["cancelled", "client_gone"]
