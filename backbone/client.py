@@ -702,7 +702,11 @@ class Client(HandlerOwner, PendingOwner):
                 if not last.terminated_reported:
                     last.shut("closed", ErrorCode.NO_ERROR, "client closing")
                 if last.link is not None and not last.link.closed:
-                    self._connection_ended(last, "closed", self._loop.time() - last.link.opened_at)
+                    if self._state is ClientState.CONNECTED:
+                        up_for = self._loop.time() - last.link.opened_at
+                        self._connection_ended(last, "closed", up_for)
+                    else:  # closed in the pass its WELCOME came: never reported connected
+                        last.abandon()
                 close_transport(last)
                 last.release_link()
                 self._conn = None

@@ -558,3 +558,36 @@ async def test_wait_connected_returns_when_the_connection_ends_right_away(
         finally:
             signals.on_connected.disconnect(evict_once)
         assert evicted == ["brief-2"]
+
+
+async def test_a_client_closed_in_the_pass_its_welcome_came_reports_no_session(
+    make_server, make_client, events, monkeypatch
+):
+    """close() in the loop pass the WELCOME arrived in: the session was never reported
+    connected, so no disconnected may be reported for it either (a connections gauge
+    went to -1)."""
+    from backbone import ClientState
+    from backbone.client import _ClientConnection
+
+    async with make_server() as server:
+        client = make_client("welcome-close", server.port)
+        original = _ClientConnection.stream_data
+        cancelled = asyncio.Event()
+
+        def then_close(self: Any, stream_id: int, data: bytes, end_stream: bool) -> None:
+            original(self, stream_id, data, end_stream)
+            if self.welcomed.done() and not client._closing:
+                # what close() does before its first await, in this very pass
+                client._closing = True
+                assert client._task is not None
+                client._task.cancel()
+                cancelled.set()
+
+        monkeypatch.setattr(_ClientConnection, "stream_data", then_close)
+        await client.start()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.gather(client._task, return_exceptions=True)  # its cancellation ran
+        await client.close()
+        assert client.state is ClientState.CLOSED
+        assert not events.of("connected", role="client", client_id="welcome-close")
+        assert not events.of("disconnected", role="client", client_id="welcome-close")
