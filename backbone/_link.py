@@ -10,6 +10,8 @@ worth per loop pass.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import inspect
 import logging
 import math
@@ -378,27 +380,7 @@ def report_violation(
 ) -> None:
     """The peer broke the protocol: log it, emit ``protocol.violated`` and close the
     connection with the violation's code.  Only that connection is affected."""
-    peer = endpoint.peer_address()
-    logging.getLogger(f"backbone.{owner.role}").warning(
-        "closing the connection with %s (client %r): %s %s",
-        peer,
-        client_id,
-        pv.code.name,
-        pv.reason,
-    )
-    if signals.wants(signals.on_protocol_error):
-        signals.emit(
-            signals.on_protocol_error,
-            owner,
-            ProtocolViolated(
-                role=owner.role,
-                client_id=client_id,
-                peer=peer,
-                code=int(pv.code),
-                code_name=pv.code.name,
-                reason=pv.reason,
-            ),
-        )
+    _violated(owner, endpoint, client_id, int(pv.code), pv.code.name, pv.reason, "closing")
     endpoint.shut(pv.code.reason_name, pv.code, pv.reason)
 
 
@@ -409,10 +391,27 @@ def report_transport_violation(
     ``protocol.violated`` with the QUIC transport code (the close is already under way)."""
     from ._quic import quic_error_name  # _quic imports aioquic: only when it happens
 
+    _violated(owner, endpoint, client_id, code, quic_error_name(code), reason, "QUIC closed")
+
+
+def _violated(
+    owner: Any,
+    endpoint: QuicEndpoint,
+    client_id: str | None,
+    code: int,
+    code_name: str,
+    reason: str,
+    who_closes: str,
+) -> None:
+    """The log line and the ``protocol.violated`` event of a peer's violation."""
     peer = endpoint.peer_address()
-    name = quic_error_name(code)
     logging.getLogger(f"backbone.{owner.role}").warning(
-        "QUIC closed the connection with %s (client %r): %s %s", peer, client_id, name, reason
+        "%s the connection with %s (client %r): %s %s",
+        who_closes,
+        peer,
+        client_id,
+        code_name,
+        reason,
     )
     if signals.wants(signals.on_protocol_error):
         signals.emit(
@@ -423,7 +422,7 @@ def report_transport_violation(
                 client_id=client_id,
                 peer=peer,
                 code=code,
-                code_name=name,
+                code_name=code_name,
                 reason=reason,
             ),
         )
@@ -467,6 +466,7 @@ class LinkOwner(Protocol):
     figures: Figures
     _handler: Handler | None
     _handler_is_async: bool
+    _handler_threads: dict[str, concurrent.futures.Future[None]] | None
 
     def _arm_pending_timer(self, deadline: float) -> None: ...
 
@@ -499,6 +499,10 @@ class HandlerOwner:
 
     _handler: Handler | None = None
     _handler_is_async: bool = False
+    #: per peer, the sync handler call still running in a thread, if any: a connection
+    #: that ended cannot stop it, and the next connection's handler waits for it (one
+    #: handler at a time per peer, across a reconnect too)
+    _handler_threads: dict[str, concurrent.futures.Future[None]] | None = None
 
     def handler(self, fn: Handler) -> Handler:
         """Register the handler for incoming messages (usable as a decorator).  Its return
@@ -867,7 +871,7 @@ class Link:
                         result = await handler(msg)
                     else:
                         if self.config.sync_handler_in_thread:
-                            result = await self._loop.run_in_executor(None, handler, msg)
+                            result = await self._in_thread(handler, msg)
                         else:
                             result = handler(msg)
                         if hasattr(result, "__await__"):  # a sync callable returned an awaitable
@@ -895,6 +899,35 @@ class Link:
                 log.exception("internal error while handling message %s", msg.msg_id)
             if not self.closed:
                 self._credit()
+
+    async def _in_thread(self, handler: Handler, msg: Message) -> Any:
+        """A sync handler in a worker thread, once the previous call for this peer (from
+        an earlier connection, whose worker was cancelled) has returned: a thread cannot
+        be stopped, and two calls must not overlap."""
+        owner = self.owner
+        calls = owner._handler_threads
+        if calls is None:
+            calls = owner._handler_threads = {}
+        previous = calls.get(self.client_id)
+        if previous is not None and not previous.done():
+            log.info("handler for %r waits for its call of a closed connection", self.client_id)
+            with contextlib.suppress(Exception):
+                await asyncio.wrap_future(previous)
+        returned: concurrent.futures.Future[None] = concurrent.futures.Future()
+        returned.set_running_or_notify_cancel()  # so wrap_future's cancel cannot take it
+        calls[self.client_id] = returned
+
+        def call() -> Any:
+            try:
+                return handler(msg)
+            finally:
+                returned.set_result(None)
+
+        try:
+            return await self._loop.run_in_executor(None, call)
+        finally:
+            if returned.done() and calls.get(self.client_id) is returned:
+                del calls[self.client_id]
 
     async def _until_taken(self, limit: int) -> None:
         held = self.endpoint.unacked_bytes(MSG_STREAM)

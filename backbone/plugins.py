@@ -50,8 +50,16 @@ ENV_VAR = "BACKBONE_PLUGINS"
 
 Receiver = Callable[..., None]
 
-#: events dropped by plugin queues, by plugin name (also exported by the metrics plugin)
+#: events plugins lost, by plugin name: dropped from a full queue, or in a batch whose
+#: handling raised (also exported by the metrics plugin as ``backbone.plugin.dropped``).
+#: Add to it with :func:`count_drops` (the loop and writer threads both do).
 plugin_drops: Counter[str] = Counter()
+_drops_lock = threading.Lock()
+
+
+def count_drops(name: str, n: int) -> None:
+    with _drops_lock:
+        plugin_drops[name] += n
 
 
 class Plugin:
@@ -67,6 +75,7 @@ class Plugin:
         #: the receivers connected at each install: uninstall disconnects exactly these
         #: (receivers() may answer differently by then, e.g. after a log level change)
         self._receivers_of: dict[int, dict[NamedSignal, Receiver]] = {}
+        self._ever_connected: list[tuple[NamedSignal, Receiver]] = []
 
     def receivers(self) -> dict[NamedSignal, Receiver]:
         """The signals this plugin listens to, and the callable for each."""
@@ -90,6 +99,7 @@ class Plugin:
         connected = self._receivers_of[key] = dict(self.receivers())
         for signal, receiver in connected.items():
             signal.connect(receiver, sender=target, weak=False)
+            self._ever_connected.append((signal, receiver))
         self.on_install(sender)
 
     def uninstall(self, sender: Any = None) -> None:
@@ -100,13 +110,15 @@ class Plugin:
         self._senders.pop(key, None)
         signals.flush_steps()  # the steps taken while we listened reach us first
         target = ANY if sender is None else sender
-        last = not self._installed
         for signal, receiver in self._receivers_of.pop(key, {}).items():
             signal.disconnect(receiver, sender=target)
-            if last:
-                # blinker keeps a receiver listed after a per-sender disconnect; drop it
-                # entirely so no event is built for nobody
+        if not self._installed:
+            # blinker keeps a receiver listed after a per-sender disconnect: with no
+            # sender left, drop every receiver any install connected, so no event is
+            # built for nobody
+            for signal, receiver in self._ever_connected:
                 signal.disconnect(receiver)
+            self._ever_connected.clear()
         self.on_uninstall(sender)
 
     @property
@@ -119,18 +131,18 @@ def install_plugin(plugin: Plugin, sender: Any) -> None:
     never stops a server or client from starting."""
     try:
         plugin.install(sender)
-    except Exception:
+    except signals.RECEIVER_FAILURES:
         log.exception("plugin %s failed to install; running without it", plugin.name)
         try:
             plugin.uninstall(sender)
-        except Exception:
+        except signals.RECEIVER_FAILURES:
             log.exception("plugin %s failed to uninstall", plugin.name)
 
 
 def uninstall_plugin(plugin: Plugin, sender: Any) -> None:
     try:
         plugin.uninstall(sender)
-    except Exception:
+    except signals.RECEIVER_FAILURES:
         log.exception("plugin %s failed to uninstall", plugin.name)
 
 
@@ -194,7 +206,8 @@ class BoundedWorker(Generic[T]):
 
     ``put`` never blocks: when the queue is full the item is dropped, counted in
     :data:`plugin_drops` and logged (at most every 10 s).  ``handle`` receives lists of
-    items; if it raises, the batch is logged and counted as failed and the worker goes on.
+    items; if it raises, the batch is logged, counted as failed (its items in
+    :data:`plugin_drops` too: they are lost) and the worker goes on.
 
     ``put`` is one ``deque.append`` (atomic under the GIL, no lock): it runs on the event
     loop once per event.  The thread sleeps ``interval`` seconds between drains, and is
@@ -226,6 +239,7 @@ class BoundedWorker(Generic[T]):
         self._last_drop_log = 0.0
         self.dropped = 0
         self.failed_batches = 0
+        self.failed = 0  # units in the failed batches
         self.handled = 0
         self._accepted = 0  # items put; ``_finished`` counts those handled (or failed)
         self._finished = 0
@@ -254,7 +268,7 @@ class BoundedWorker(Generic[T]):
 
     def _drop(self, weight: int = 1) -> None:
         self.dropped += weight
-        plugin_drops[self.name] += weight
+        count_drops(self.name, weight)
         now = time.monotonic()
         if now - self._last_drop_log >= 10.0:
             self._last_drop_log = now
@@ -291,6 +305,8 @@ class BoundedWorker(Generic[T]):
                 self.handled += n
             except Exception:
                 self.failed_batches += 1
+                self.failed += n
+                count_drops(self.name, n)  # lost: counted with the drops
                 log.exception("plugin %s failed on a batch of %d", self.name, n)
             with self._progress:
                 self._finished += n

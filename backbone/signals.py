@@ -435,23 +435,32 @@ def flush_steps() -> None:
     if not sources:
         return
     _steps.sources = []
-    _steps.adhoc = {}
+    adhoc = _steps.adhoc  # kept while delivering: a step added meanwhile joins its source
     deliver = bool(on_events_batched.receivers)
-    # every source is taken off first: whatever a receiver raises, each one registers
-    # again at its next step (a source left with rows was never registered again)
-    pendings = [(source, source.pending_steps) for source in sources]
-    for source in sources:
-        source.pending_steps = None
-    for source, pending in pendings:
-        if not deliver or not pending:
-            continue
-        owner, role, client_id = source.owner, source.role, source.client_id
-        for kind, rows in pending.items():
-            batch = EventsBatched.unchecked(
-                role=role,
-                step=kind,
-                client_id=client_id,
-                fields=STEP_FIELDS[kind],
-                rows=tuple(rows),
-            )
-            _deliver(on_events_batched, owner, batch)
+    done = 0
+    try:
+        for source in sources:
+            pending = source.pending_steps
+            source.pending_steps = None  # taken off before delivery: in order if re-entered
+            done += 1
+            if not deliver or not pending:
+                continue
+            owner, role, client_id = source.owner, source.role, source.client_id
+            for kind, rows in pending.items():
+                batch = EventsBatched.unchecked(
+                    role=role,
+                    step=kind,
+                    client_id=client_id,
+                    fields=STEP_FIELDS[kind],
+                    rows=tuple(rows),
+                )
+                _deliver(on_events_batched, owner, batch)
+    finally:
+        # what escaped the receivers' isolation (KeyboardInterrupt): the sources not
+        # delivered yet register again (their rows go with their next step or flush)
+        for source in sources[done:]:
+            if source.pending_steps is not None:
+                _steps.sources.append(source)
+        if _steps.adhoc is adhoc:
+            # those with steps added while delivering stay (registered again); the rest go
+            _steps.adhoc = {k: v for k, v in adhoc.items() if v.pending_steps is not None}

@@ -74,7 +74,7 @@ from backbone.events import (
     Role,
     SendRejected,
 )
-from backbone.plugins import BoundedWorker, Plugin, Receiver, plugin_drops
+from backbone.plugins import BoundedWorker, Plugin, Receiver
 
 log = logging.getLogger("backbone.plugins.history")
 
@@ -993,13 +993,12 @@ class HistoryPlugin(Plugin):
 
     # --- the writer thread ----------------------------------------------------------------------
     def _write(self, conn: sqlite3.Connection, chunks: list[Chunk]) -> None:
-        events = 0
+        events = sum(chunk[0] for chunk in chunks)  # all of them, whatever fails below
         written = False
         try:
             rows: list[Row] = []
             raw: list[Record] = []  # consecutive unpacked records, packed here in order
-            for n, packed, records in chunks:
-                events += n
+            for _n, packed, records in chunks:
                 if records:
                     raw.extend(_flat(records))
                     continue
@@ -1033,11 +1032,11 @@ class HistoryPlugin(Plugin):
                 self._last_retention = now
                 try:
                     self.pruned += self._retain(conn)
-                except sqlite3.Error:
+                except Exception:  # the batch is written: its failure must not count it lost
                     log.exception("history: retention failed; it is retried later")
         finally:
-            if not written:  # the worker logs the batch's exception and counts the batch
-                plugin_drops[self.name] += events
+            # a failure: the worker logs its exception and counts the batch's events in
+            # plugin_drops
             with self._progress:
                 self._done += events
                 if not written:

@@ -64,7 +64,8 @@ name (unit)                            kind                 attributes, meaning
 ({connection})                                              server refused (admission
                                                             control, shutting down)
 ``backbone.plugin.dropped`` ({event})  Counter              ``backbone.plugin``: events
-                                                            dropped by plugin queues
+                                                            plugins lost: a full queue, or
+                                                            a batch whose handling raised
                                                             (:data:`backbone.plugins.plugin_drops`)
 ``backbone.receiver.failures``         Counter              ``backbone.receiver``: receivers
 ({failure})                                                 that raised, by qualified name
@@ -72,10 +73,11 @@ name (unit)                            kind                 attributes, meaning
                                                             summed over plugin instances)
 =====================================  ===================  ==================================
 
-Every label's values are bounded: ``error.type`` takes the first 64 distinct values
-(:data:`MAX_ERROR_TYPES`) and ``_OTHER`` after that, because a remote error type is
-whatever the peer's RESULT says (each new one would be a series kept for ever); client ids
-are never labels.
+Every label's values are bounded.  A remote error type (``error.type`` of a result) is
+whatever the peer's RESULT says, so the first 64 distinct ones are labels
+(:data:`MAX_ERROR_TYPES`) and the rest ``_OTHER`` (each new one would be a series kept for
+ever); backbone's own labels (``timeout``, ``client_gone``...) and the local handler's
+exception types are not capped.  Client ids are never labels.
 
 Histogram buckets are passed as advisories (a View still wins): the semantic-convention
 ones ``[0.005 … 10]`` for ``messaging.*``, and ``[0.0005 … 10]`` for ``backbone.ack.duration``
@@ -490,7 +492,7 @@ class _Tallies:
             (
                 "backbone.plugin.dropped",
                 "{event}",
-                "Events dropped by plugin queues that were full",
+                "Events plugins lost: dropped from a full queue, or in a batch that failed",
                 self._from_counter(plugin_drops, "backbone.plugin"),
             ),
             (
@@ -512,10 +514,11 @@ class _Tallies:
         )
 
     # --- attributes, built once per distinct key ------------------------------------------
-    def _error_label(self, error: str | None) -> str | None:
-        """``error.type`` as a label: the first :data:`MAX_ERROR_TYPES` distinct values,
-        then ``_OTHER``.  A remote error type is whatever the peer's RESULT says: left
-        unbounded, a peer could make a series (and its memory, for ever) per message."""
+    def remote_error(self, error: str | None) -> str | None:
+        """A remote error type (what the peer's RESULT says) as an ``error.type`` label:
+        the first :data:`MAX_ERROR_TYPES` distinct ones, then ``_OTHER``.  Left
+        unbounded, a peer could make a series (and its memory, for ever) per message.
+        backbone's own labels and the local handler's exception types are not capped."""
         if error is None or error in self._error_types:
             return error
         if len(self._error_types) >= MAX_ERROR_TYPES:
@@ -527,9 +530,6 @@ class _Tallies:
         key = (op, role, error)
         a = self._attrs.get(key)
         if a is None:
-            label = self._error_label(error)
-            if label != error:
-                return self.messaging(op, role, label)
             a = self._attrs[key] = _messaging(
                 op, "process" if op == "process" else "send", role, error
             )
@@ -539,9 +539,6 @@ class _Tallies:
         key = ("own", role, error)
         a = self._attrs.get(key)
         if a is None:
-            label = self._error_label(error)
-            if label != error:
-                return self.own(role, label)
             a = {"backbone.role": role}
             if error is not None:
                 a["error.type"] = error
@@ -906,7 +903,7 @@ class MetricsPlugin(Plugin):
                 record(row[_PROCESSED_TIME], t.messaging("process", role, row[_PROCESSED_ERROR]))
         elif step == "ack.received":
             for row in rows:
-                error = row[_ACK_ERROR]
+                error = t.remote_error(row[_ACK_ERROR])
                 latency = row[_ACK_LATENCY]
                 t.operation_duration.record(latency, t.messaging("send", role, error))
                 t.ack_duration.record(latency, t.own(role, error))

@@ -591,3 +591,47 @@ async def test_a_client_closed_in_the_pass_its_welcome_came_reports_no_session(
         assert client.state is ClientState.CLOSED
         assert not events.of("connected", role="client", client_id="welcome-close")
         assert not events.of("disconnected", role="client", client_id="welcome-close")
+
+
+async def test_a_sync_handler_left_running_by_a_closed_connection_is_not_overlapped(
+    make_server, make_client, events
+):
+    """A sync handler runs in a thread, which a connection's end cannot stop.  After a
+    reconnect, the new connection's handler waits for it: one call at a time, as before
+    the reconnect."""
+    entered = [threading.Event(), threading.Event()]
+    release = threading.Event()
+    active = 0
+    most = 0
+    lock = threading.Lock()
+
+    async with make_server() as server:
+        client = make_client("threads", server.port, backoff_initial=0.05, backoff_max=0.1)
+
+        @client.handler
+        def work(msg: Message) -> int:
+            nonlocal active, most
+            with lock:
+                active += 1
+                most = max(most, active)
+            entered[msg.payload].set()
+            if msg.payload == 0:
+                release.wait(10)  # still running when its connection is gone
+            with lock:
+                active -= 1
+            return int(msg.payload)
+
+        async with running(client):
+            first = asyncio.ensure_future(server.send_to("threads", 0, wait_ack=True))
+            assert await asyncio.to_thread(entered[0].wait, 5)
+            assert server.evict("threads")
+            await events.wait_count("connected", 2, role="server", client_id="threads")
+            with pytest.raises(Exception):  # noqa: B017 - ClientGone: its connection went
+                await first
+            second = asyncio.ensure_future(server.send_to("threads", 1, wait_ack=True))
+            await events.wait_count("message.received", 2, role="client", client_id="threads")
+            # the second call must not start while the first still runs
+            assert not await asyncio.to_thread(entered[1].wait, 0.5)
+            release.set()
+            assert await second == 1
+        assert most == 1

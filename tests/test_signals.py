@@ -278,6 +278,30 @@ async def test_a_receiver_raising_cancelled_error_is_isolated_and_batches_go_on(
         signals.receiver_failures.pop(name, None)
 
 
+async def test_a_receiver_that_adds_steps_and_flushes_keeps_each_clients_order():
+    """A batch receiver whose work adds a step to another connection and then delivers
+    (any emit flushes first): that connection's older rows still go out first."""
+    a, b = Sender(), Sender()
+    got: list[tuple[str, list[int]]] = []
+
+    def rx(sender: Any, event: Any) -> None:
+        got.append((event.client_id, [int(row[2], 16) for row in event.rows]))
+        if event.client_id == "c1" and len(got) == 1:
+            signals.add_step(b, "server", "c2", "message.sent", sent_row(99))
+            signals.flush_steps()
+
+    signals.on_events_batched.connect(rx, weak=False)
+    try:
+        signals.add_step(a, "server", "c1", "message.sent", sent_row(1))
+        signals.add_step(b, "server", "c2", "message.sent", sent_row(2))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    finally:
+        signals.on_events_batched.disconnect(rx)
+    rows_of_c2 = [n for cid, rows in got if cid == "c2" for n in rows]
+    assert rows_of_c2 == [2, 99], got
+
+
 def test_emit_event_sends_a_step_both_ways():
     a = Sender()
     single: list[Any] = []

@@ -993,3 +993,22 @@ def test_events_of_a_batch_whose_write_failed_are_counted_as_lost(installed, db,
     assert (stats["written"], stats["failed"], stats["dropped"]) == (0, 10, 0), stats
     assert stats["failed_batches"] >= 1
     assert plugin_drops[plugin.name] - before == 10
+
+
+def test_a_batch_that_fails_while_packing_counts_every_event(db):
+    """Records handed over unpacked are packed by the writer; when that failed, the
+    events of the chunks after the failing one were not counted at all: flush() waited
+    in vain and the stats did not add up."""
+    plugin = HistoryPlugin(db)
+    plugin._ensure_schema()
+    conn = plugin._connect()
+    unpackable = {"kind": "connected", "role": "server", "client_id": "c", "at": 1.0}
+    unpackable["peer"] = 2**70  # an int orjson cannot write
+    # raw records (packing them fails), then chunks already packed on the loop
+    chunks: Any = [(1, [], [unpackable]), (3, [], [unpackable]), (4, ["x"], []), (5, ["y"], [])]
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - the worker logs and counts it
+            plugin._write(conn, chunks)
+    finally:
+        conn.close()
+    assert (plugin._done, plugin._failed) == (13, 13)

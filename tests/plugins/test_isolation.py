@@ -160,3 +160,20 @@ def test_a_weighted_worker_bounds_batches_and_counts_in_units() -> None:
     finally:
         release.set()
         worker.close(1)
+
+
+def test_a_batch_that_fails_counts_its_items_as_lost() -> None:
+    """A handler that raises loses its batch: counted as failed and in plugin_drops
+    (only full-queue drops were counted there)."""
+    name = "failing-test"
+    before = plugin_drops[name]
+    worker: BoundedWorker[int] = BoundedWorker(name, lambda batch: 1 / 0, batch=5)
+    try:
+        for i in range(12):
+            worker.put(i)
+        assert worker.flush(5)
+    finally:
+        worker.close(5)
+    assert (worker.failed, worker.handled) == (12, 0)
+    assert worker.failed_batches >= 3
+    assert plugin_drops[name] - before == 12

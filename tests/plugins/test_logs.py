@@ -375,3 +375,23 @@ def test_uninstall_disconnects_what_install_connected_whatever_the_level_now() -
         plugin.uninstall(sender)
     assert plugin.log_batch not in signals.on_events_batched.receivers.values()
     assert not signals.batching("message.sent")
+
+
+def test_the_last_uninstall_drops_what_any_install_connected() -> None:
+    """One instance on two senders: installed on A with DEBUG on (batches taken), on B
+    after the level was raised (no batches).  Uninstalling both must leave nothing
+    connected: the batch receiver of A's install stayed listed."""
+    from backbone import signals
+
+    logger = logging.getLogger("backbone.test.two-senders")
+    logger.setLevel(logging.DEBUG)
+    plugin = LoggingPlugin(logger=logger)
+    a, b = object(), object()
+    plugin.install(a)
+    logger.setLevel(logging.INFO)
+    plugin.install(b)
+    plugin.uninstall(a)
+    plugin.uninstall(b)
+    assert plugin.log_batch not in signals.on_events_batched.receivers.values()
+    assert plugin.log_event not in signals.on_connected.receivers.values()
+    assert not signals.batching("message.sent")
