@@ -151,7 +151,8 @@ class _ClientConnection(LinkHolder, QuicEndpoint):
         destroyed it; seen in a restart storm, where a WELCOME and the connect timeout
         came in the same loop pass)."""
         if self.link is not None:
-            self.link.shutdown()
+            # no session was reported, so no disconnected: the log line says what went
+            report_dropped("the server", *self.link.shutdown())
         self.release_link()
 
     def ping_acknowledged(self, uid: int) -> None:

@@ -102,6 +102,7 @@ import logging
 import os
 import random
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -269,6 +270,13 @@ def _link_to_result(span: Span, headers: dict[str, str] | None) -> None:
         span.add_link(ctx, {"messaging.operation.type": "settle"})
 
 
+#: after an export ran out of its time, how long the collector counts as stalled (s)
+STALLED_FOR = 60.0
+#: how long an export waits while it does (s)
+STALLED_WAIT = 0.1
+_stalled_at = float("-inf")
+
+
 class TracingPlugin(Plugin):
     """OpenTelemetry tracing of sends, handler runs and results (see the module docs)."""
 
@@ -392,7 +400,17 @@ class TracingPlugin(Plugin):
     def _bounded(self, work: Callable[[], object], what: str) -> bool:
         """Run blocking export work, waiting at most ``flush_timeout`` seconds for it (the
         SDK's batch processor ignores its own timeouts); past that it goes on in a daemon
-        thread and the caller is released."""
+        thread and the caller is released.
+
+        It runs on the event loop (a close, an uninstall).  Once an export has run out
+        of time, the collector is taken as stalled for :data:`STALLED_FOR` seconds, and
+        the next ones in the process wait only :data:`STALLED_WAIT`: many clients
+        closing on one loop against a collector that never answers cost one
+        ``flush_timeout``, not one each (5 s per client before)."""
+        global _stalled_at
+        timeout = self.flush_timeout
+        if time.monotonic() - _stalled_at < STALLED_FOR:
+            timeout = min(timeout, STALLED_WAIT)
         outcome: list[bool] = []
 
         def run() -> None:
@@ -405,9 +423,10 @@ class TracingPlugin(Plugin):
 
         thread = threading.Thread(target=run, name="backbone-otel-flush", daemon=True)
         thread.start()
-        thread.join(self.flush_timeout)
+        thread.join(timeout)
         if thread.is_alive():
-            log.warning("%s takes more than %g s; not waiting any longer", what, self.flush_timeout)
+            _stalled_at = time.monotonic()
+            log.warning("%s takes more than %g s; not waiting any longer", what, timeout)
             return False
         return bool(outcome and outcome[0])
 

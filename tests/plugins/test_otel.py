@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -594,3 +595,26 @@ async def test_real_otlp_grpc_export(make_server, make_client):
     assert send.attributes["messaging.destination.name"] == "client/dev-1"
     assert send.attributes["messaging.system"] == "backbone"
     assert send.end_ns >= ack.end_ns > ack.start_ns >= process.end_ns >= process.start_ns
+
+
+def test_a_stalled_collector_costs_one_flush_timeout_not_one_per_close(monkeypatch) -> None:
+    """Each client's tracing plugin flushes on close, on the event loop, for up to
+    flush_timeout.  Against a collector that never answers, N clients closing cost N
+    timeouts; after the first one ran out, the others wait only briefly."""
+    import time
+
+    import plugins.otel as otel_mod
+
+    monkeypatch.setattr(otel_mod, "_stalled_at", float("-inf"))
+    hung = threading.Event()
+    plugins = [otel_mod.TracingPlugin(flush_timeout=0.5) for _ in range(5)]
+    try:
+        took = []
+        for plugin in plugins:
+            started = time.monotonic()
+            assert plugin._bounded(lambda: hung.wait(10), "exporting") is False
+            took.append(time.monotonic() - started)
+        assert took[0] >= 0.5
+        assert all(t < 0.3 for t in took[1:]), took
+    finally:
+        hung.set()
