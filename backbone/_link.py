@@ -10,8 +10,6 @@ worth per loop pass.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import inspect
 import logging
 import math
@@ -466,7 +464,6 @@ class LinkOwner(Protocol):
     figures: Figures
     _handler: Handler | None
     _handler_is_async: bool
-    _handler_threads: dict[str, concurrent.futures.Future[None]] | None
 
     def _arm_pending_timer(self, deadline: float) -> None: ...
 
@@ -499,10 +496,6 @@ class HandlerOwner:
 
     _handler: Handler | None = None
     _handler_is_async: bool = False
-    #: per peer, the sync handler call still running in a thread, if any: a connection
-    #: that ended cannot stop it, and the next connection's handler waits for it (one
-    #: handler at a time per peer, across a reconnect too)
-    _handler_threads: dict[str, concurrent.futures.Future[None]] | None = None
 
     def handler(self, fn: Handler) -> Handler:
         """Register the handler for incoming messages (usable as a decorator).  Its return
@@ -871,7 +864,7 @@ class Link:
                         result = await handler(msg)
                     else:
                         if self.config.sync_handler_in_thread:
-                            result = await self._in_thread(handler, msg)
+                            result = await self._loop.run_in_executor(None, handler, msg)
                         else:
                             result = handler(msg)
                         if hasattr(result, "__await__"):  # a sync callable returned an awaitable
@@ -899,35 +892,6 @@ class Link:
                 log.exception("internal error while handling message %s", msg.msg_id)
             if not self.closed:
                 self._credit()
-
-    async def _in_thread(self, handler: Handler, msg: Message) -> Any:
-        """A sync handler in a worker thread, once the previous call for this peer (from
-        an earlier connection, whose worker was cancelled) has returned: a thread cannot
-        be stopped, and two calls must not overlap."""
-        owner = self.owner
-        calls = owner._handler_threads
-        if calls is None:
-            calls = owner._handler_threads = {}
-        previous = calls.get(self.client_id)
-        if previous is not None and not previous.done():
-            log.info("handler for %r waits for its call of a closed connection", self.client_id)
-            with contextlib.suppress(Exception):
-                await asyncio.wrap_future(previous)
-        returned: concurrent.futures.Future[None] = concurrent.futures.Future()
-        returned.set_running_or_notify_cancel()  # so wrap_future's cancel cannot take it
-        calls[self.client_id] = returned
-
-        def call() -> Any:
-            try:
-                return handler(msg)
-            finally:
-                returned.set_result(None)
-
-        try:
-            return await self._loop.run_in_executor(None, call)
-        finally:
-            if returned.done() and calls.get(self.client_id) is returned:
-                del calls[self.client_id]
 
     async def _until_taken(self, limit: int) -> None:
         held = self.endpoint.unacked_bytes(MSG_STREAM)

@@ -75,7 +75,8 @@ class Plugin:
         #: the receivers connected at each install: uninstall disconnects exactly these
         #: (receivers() may answer differently by then, e.g. after a log level change)
         self._receivers_of: dict[int, dict[NamedSignal, Receiver]] = {}
-        self._ever_connected: list[tuple[NamedSignal, Receiver]] = []
+        #: every (signal, receiver) an install connected, once each
+        self._ever_connected: dict[tuple[NamedSignal, Receiver], None] = {}
 
     def receivers(self) -> dict[NamedSignal, Receiver]:
         """The signals this plugin listens to, and the callable for each."""
@@ -99,7 +100,7 @@ class Plugin:
         connected = self._receivers_of[key] = dict(self.receivers())
         for signal, receiver in connected.items():
             signal.connect(receiver, sender=target, weak=False)
-            self._ever_connected.append((signal, receiver))
+            self._ever_connected[(signal, receiver)] = None
         self.on_install(sender)
 
     def uninstall(self, sender: Any = None) -> None:

@@ -102,7 +102,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -270,11 +269,10 @@ def _link_to_result(span: Span, headers: dict[str, str] | None) -> None:
         span.add_link(ctx, {"messaging.operation.type": "settle"})
 
 
-#: after an export ran out of its time, how long the collector counts as stalled (s)
-STALLED_FOR = 60.0
-#: how long an export waits while it does (s)
+#: how long an export waits while an earlier one that ran out of time is still stuck (s)
 STALLED_WAIT = 0.1
-_stalled_at = float("-inf")
+#: export threads that ran out of time and have not finished yet
+_stalled: set[threading.Thread] = set()
 
 
 class TracingPlugin(Plugin):
@@ -402,14 +400,15 @@ class TracingPlugin(Plugin):
         SDK's batch processor ignores its own timeouts); past that it goes on in a daemon
         thread and the caller is released.
 
-        It runs on the event loop (a close, an uninstall).  Once an export has run out
-        of time, the collector is taken as stalled for :data:`STALLED_FOR` seconds, and
-        the next ones in the process wait only :data:`STALLED_WAIT`: many clients
-        closing on one loop against a collector that never answers cost one
-        ``flush_timeout``, not one each (5 s per client before)."""
-        global _stalled_at
+        It runs on the event loop (a close, an uninstall).  While an export that ran out
+        of time is still stuck in its thread (a collector that accepts and never
+        answers), the next ones in the process wait only :data:`STALLED_WAIT`: many
+        clients closing on one loop against such a collector cost one ``flush_timeout``,
+        not one each (5 s per client before).  Once that thread is done, waits are
+        whole again."""
         timeout = self.flush_timeout
-        if time.monotonic() - _stalled_at < STALLED_FOR:
+        _stalled.difference_update([t for t in _stalled if not t.is_alive()])
+        if _stalled:
             timeout = min(timeout, STALLED_WAIT)
         outcome: list[bool] = []
 
@@ -425,7 +424,7 @@ class TracingPlugin(Plugin):
         thread.start()
         thread.join(timeout)
         if thread.is_alive():
-            _stalled_at = time.monotonic()
+            _stalled.add(thread)
             log.warning("%s takes more than %g s; not waiting any longer", what, timeout)
             return False
         return bool(outcome and outcome[0])

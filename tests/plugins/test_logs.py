@@ -395,3 +395,21 @@ def test_the_last_uninstall_drops_what_any_install_connected() -> None:
     assert plugin.log_batch not in signals.on_events_batched.receivers.values()
     assert plugin.log_event not in signals.on_connected.receivers.values()
     assert not signals.batching("message.sent")
+
+
+def test_what_installs_connected_is_remembered_once_each() -> None:
+    """One instance on a long-lived sender and on many short-lived ones: the record of
+    what installs connected must not grow by a row per install."""
+    logger = logging.getLogger("backbone.test.many-senders")
+    plugin = LoggingPlugin(logger=logger)
+    server = object()
+    plugin.install(server)
+    try:
+        for _ in range(200):
+            client = object()
+            plugin.install(client)
+            plugin.uninstall(client)
+        assert len(plugin._ever_connected) == len(plugin.receivers())
+    finally:
+        plugin.uninstall(server)
+    assert not plugin._ever_connected
