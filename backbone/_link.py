@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -56,7 +55,7 @@ from .frames import (
 )
 from .ids import MsgIdGenerator
 from .message import Message
-from .pending import PendingEntry, PendingTable
+from .pending import PendingEntry, PendingTable, check_timeout
 from .session import MSG_STREAM
 from .stats import Figures
 
@@ -194,13 +193,6 @@ class Waiter:
         self.future = future
         self.client_id = client_id
         self.seq = seq  # the message's number on its link: a result credits up to it
-
-
-def check_timeout(timeout: float | None) -> None:
-    """A per-call result timeout: None (the configured one) or seconds > 0.  A NaN would
-    otherwise sit at the top of the pending table's deadline heap and stop every expiry."""
-    if timeout is not None and not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
 
 
 class PendingOwner:
@@ -568,8 +560,6 @@ class Link:
         self._flush_queued = False
         self._inbox: deque[Message] = deque()
         self._in_handler = False  # the worker is in the handler with a message
-        #: times the handler worker waited for the peer to take what we send
-        self.paused = 0
         self._wakeup: asyncio.Future[None] | None = None
         self._worker: asyncio.Task[None] | None = self._loop.create_task(
             self._work(), name=f"backbone-handler-{client_id}"
@@ -843,11 +833,12 @@ class Link:
                 await self._wakeup
                 self._wakeup = None
                 continue
-            if endpoint.unacked_bytes(MSG_STREAM) > limit:
+            held = endpoint.unacked_bytes(MSG_STREAM)
+            if held > limit:
                 # the peer does not take what we send (its results included): handle
                 # nothing more of its until it does, so results cannot pile up without
                 # end.  Its further messages wait in the inbox, bounded by our window.
-                await self._until_taken(limit)
+                await self._until_taken(held, limit)
                 continue
             msg = inbox.popleft()
             handler = owner._handler
@@ -893,8 +884,7 @@ class Link:
             if not self.closed:
                 self._credit()
 
-    async def _until_taken(self, limit: int) -> None:
-        held = self.endpoint.unacked_bytes(MSG_STREAM)
+    async def _until_taken(self, held: int, limit: int) -> None:
         log.info(
             "%s %r does not take what we send (%d bytes waiting, limit %d): its messages "
             "wait until it does",
@@ -903,7 +893,6 @@ class Link:
             held,
             limit,
         )
-        self.paused += 1
         await self.endpoint.wait_unacked_below(MSG_STREAM, limit)
 
     def _handled(

@@ -108,12 +108,17 @@ def dumps(data: Any) -> bytes:
 
 def result_problem(result: Any) -> str | None:
     """Why a client's result cannot be written in a response, or None if it can (a
-    client may answer with JSON nested deeper than orjson writes: 254 levels)."""
+    client may answer with JSON nested deeper than orjson writes: 254 levels).  Asked
+    only once writing a whole response has failed, so a result is written once."""
     try:
         dumps(result)
     except TypeError as exc:
-        return f"the client's result cannot be written as JSON: {exc}"
+        return _not_json(exc)
     return None
+
+
+def _not_json(exc: TypeError) -> str:
+    return f"the client's result cannot be written as JSON: {exc}"
 
 
 def json_response(
@@ -600,10 +605,10 @@ async def send_message(request: web.Request) -> web.Response:
             result = await server.send_to(
                 client_id, body.data(), wait_ack=True, timeout=body.timeout, headers=body.headers
             )
-            problem = result_problem(result)
-            if problem is not None:
-                raise ApiError(502, "result_not_json", problem)
-            return json_response({"client_id": client_id, "wait_ack": True, "result": result})
+            try:
+                return json_response({"client_id": client_id, "wait_ack": True, "result": result})
+            except TypeError as exc:  # the only thing in there that orjson may refuse
+                raise ApiError(502, "result_not_json", _not_json(exc)) from None
         msg_id = await server.send_to(client_id, body.data(), headers=body.headers)
     except BackboneError as exc:
         raise api_error(exc) from None
@@ -621,30 +626,38 @@ async def broadcast(request: web.Request) -> web.Response:
     except BackboneError as exc:  # e.g. a payload no client could take
         raise api_error(exc) from None
     outcomes: dict[str, Any] = {}
-    failed = 0
     for cid, outcome in sorted(report.outcomes.items()):
         if outcome.error is not None:
             outcomes[cid] = {"ok": False, "error": error_object(outcome.error)}
-            failed += 1
-        elif not body.wait_ack:
-            outcomes[cid] = {"ok": True}
-        elif (problem := result_problem(outcome.result)) is not None:
-            # one client's odd answer must not cost everyone else's outcome
-            outcomes[cid] = {"ok": False, "error": {"code": "result_not_json", "message": problem}}
-            failed += 1
-        else:
+        elif body.wait_ack:
             outcomes[cid] = {"ok": True, "result": outcome.result}
-    return json_response(
-        {
-            "msg_id": report.msg_id,
-            "wait_ack": report.wait_ack,
-            "clients": len(report),
-            "ok": len(report) - failed,
-            "failed": failed,
-            "sent_to": sorted(report.sent_to),
-            "outcomes": outcomes,
-        }
-    )
+        else:
+            outcomes[cid] = {"ok": True}
+
+    def response() -> web.Response:
+        failed = sum(1 for o in outcomes.values() if not o["ok"])
+        return json_response(
+            {
+                "msg_id": report.msg_id,
+                "wait_ack": report.wait_ack,
+                "clients": len(report),
+                "ok": len(report) - failed,
+                "failed": failed,
+                "sent_to": sorted(report.sent_to),
+                "outcomes": outcomes,
+            }
+        )
+
+    try:
+        return response()
+    except TypeError:
+        # a client answered with JSON too deep to write: that outcome fails, not all
+        for cid, o in outcomes.items():
+            problem = result_problem(o["result"]) if "result" in o else None
+            if problem is not None:
+                error = {"code": "result_not_json", "message": problem}
+                outcomes[cid] = {"ok": False, "error": error}
+        return response()
 
 
 #: (method, path, handler): the whole API; ``docs/openapi.json`` describes each

@@ -328,6 +328,14 @@ class AckFailed(Event):
     reason: str
     latency: float
 
+    @property
+    def error_type(self) -> str:
+        """Its ``error.type`` in traces and metrics: ``cancelled`` when the caller stopped
+        waiting, else the peer went away: ``client_gone`` (server) / ``server_gone``."""
+        if self.reason == "cancelled":
+            return "cancelled"
+        return "client_gone" if self.role == "server" else "server_gone"
+
 
 class LateAckDropped(Event):
     """A result arrived after its message had already timed out; it is dropped."""

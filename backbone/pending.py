@@ -31,6 +31,13 @@ class PendingEntry(Generic[T]):
     order: int = 0
 
 
+def check_timeout(timeout: float | None) -> None:
+    """A result timeout: None (the configured one) or seconds > 0.  A NaN would otherwise
+    sit at the top of the deadline heap and stop every expiry."""
+    if timeout is not None and not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+
+
 class PendingTable(Generic[T]):
     def __init__(self, max_per_peer: int, max_total: int, recent_expired: int = 4096) -> None:
         self.max_per_peer = max_per_peer
@@ -61,8 +68,7 @@ class PendingTable(Generic[T]):
     def add(
         self, peer: str, msg_id: bytes, timeout: float, now: float, token: T, order: int = 0
     ) -> PendingEntry[T]:
-        if not 0 < timeout < math.inf:  # NaN too: a NaN deadline would stop every expiry
-            raise ValueError(f"timeout must be a number of seconds > 0, not {timeout!r}")
+        check_timeout(timeout)
         self.check_capacity(peer)
         entries = self._by_peer.setdefault(peer, {})
         if msg_id in entries:
@@ -111,9 +117,6 @@ class PendingTable(Generic[T]):
         result for it is late, not unknown), else None."""
         recent = self._recent.get(peer)
         return None if recent is None else recent.get(msg_id)
-
-    def was_recently_expired(self, peer: str, msg_id: bytes) -> bool:
-        return self.late(peer, msg_id) is not None
 
     def expire(self, now: float) -> list[PendingEntry[T]]:
         """Remove and return every entry whose deadline is ``<= now``."""

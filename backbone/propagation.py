@@ -9,10 +9,11 @@ injector registered nothing is called and nothing is allocated.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from . import signals
 
 log = logging.getLogger("backbone.propagation")
 
@@ -55,6 +56,6 @@ def inject(
     for injector in list(_injectors):
         try:
             injector(sender, kind, msg_id, client_id, out)
-        except (Exception, asyncio.CancelledError):  # a plain function raised it itself
+        except signals.RECEIVER_FAILURES:  # a plain function raised it itself
             log.exception("header injector %r raised; the message is sent without it", injector)
     return out or None

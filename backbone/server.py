@@ -16,7 +16,6 @@ from ._link import (
     Link,
     LinkHolder,
     PendingOwner,
-    check_timeout,
     internal_error,
     report_dropped,
     report_transport_violation,
@@ -77,7 +76,7 @@ from .identity import (
 )
 from .ids import MsgIdGenerator
 from .message import BroadcastReport, ClientInfo, Outcome
-from .pending import PendingTable
+from .pending import PendingTable, check_timeout
 from .plugins import Plugin, install_plugin, resolve_plugins, uninstall_plugin
 from .reset import StatelessResetter, derive_reset_key, key_material
 from .session import HEARTBEAT_STREAM, MSG_STREAM, Credit, Hello, ServerSession

@@ -231,11 +231,6 @@ def _messaging(op: str, op_type: str, role: str, error: str | None = None) -> At
 MAX_ERROR_TYPES: Final = 64
 
 
-def _gone(role: str) -> str:
-    """``error.type`` of a result failed because the peer went away (as in tracing)."""
-    return "client_gone" if role == "server" else "server_gone"
-
-
 # --- histograms ---------------------------------------------------------------------------
 
 #: (name, unit, description, bucket boundaries) of every histogram
@@ -920,9 +915,7 @@ class MetricsPlugin(Plugin):
         t = self._tallies
         role = event.role
         t.ack_failures[(role, event.reason)] += 1
-        # the caller stopped waiting, or the peer went away (as in tracing)
-        error = "cancelled" if event.reason == "cancelled" else _gone(role)
-        t.operation_duration.record(event.latency, t.messaging("send", role, error))
+        t.operation_duration.record(event.latency, t.messaging("send", role, event.error_type))
 
     def _send_rejected(self, sender: Any, event: SendRejected) -> None:
         t = self._tallies

@@ -712,10 +712,7 @@ class TracingPlugin(Plugin):
     def _on_failed(self, sender: Any, event: Event) -> None:
         if not isinstance(event, AckFailed) or not (self._sends or self._broadcasts):
             return
-        if event.reason == "cancelled":
-            error = "cancelled"  # the caller stopped waiting
-        else:
-            error = "client_gone" if event.role == "server" else "server_gone"
+        error = event.error_type
         attrs: Attrs = {"backbone.failure.reason": event.reason}
         if not self._end_send(event.msg_id, event.client_id, error, event.reason, attrs):
             self._broadcast_outcome(event.msg_id, event.client_id, "ack.failed", error)

@@ -24,8 +24,8 @@ def test_expiry_is_exact_at_the_deadline():
     assert t.expire(14.999) == []
     assert [e.token for e in t.expire(15.0)] == [1]
     assert t.next_deadline() == 17.0
-    assert t.was_recently_expired("a", b"1" * 16)
-    assert not t.was_recently_expired("a", b"2" * 16)
+    assert t.late("a", b"1" * 16) is not None
+    assert t.late("a", b"2" * 16) is None
 
 
 def test_bounds_per_peer_and_total():
@@ -62,7 +62,7 @@ def test_abandoned_entry_makes_a_late_result_late_not_unknown():
     t.add("a", b"1" * 16, 1, 0, 1)
     assert t.abandon("a", b"1" * 16) is not None
     assert len(t) == 0
-    assert t.was_recently_expired("a", b"1" * 16)
+    assert t.late("a", b"1" * 16) is not None
 
 
 def test_table_is_empty_after_10000_mixed_outcomes():
